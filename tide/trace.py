@@ -216,6 +216,7 @@ def save_trace(trace: Trace, path: str | Path) -> None:
     """Write a trace atomically: a crash leaves either the old file or the whole new one."""
     from safetensors.numpy import save_file
 
+    validate_routing(np.asarray(trace.experts), trace.metadata, trace.forwards, str(path))
     arrays = {"forwards": forwards_to_array(trace.forwards), "experts": np.ascontiguousarray(trace.experts, np.int16)}
     if trace.weights is not None:
         arrays["weights"] = np.ascontiguousarray(trace.weights, np.float32)

@@ -36,12 +36,15 @@ def add_json_flag(parser) -> None:
 
 
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
-    """Format rows as a plain text table with right-aligned numbers."""
+    """Format rows as a plain text table: numbers right-aligned, text left-aligned."""
     cells = [header] + [[_cell(v) for v in row] for row in rows]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(header))]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  ".join(value.rjust(width) if n else value.ljust(width) for value, width in zip(row, widths)))
+        aligned = [value.rjust(width) if numeric[i] else value.ljust(width)
+                   for i, (value, width) in enumerate(zip(row, widths))]
+        lines.append("  ".join(aligned).rstrip())
         if n == 0:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Small hand-built specs and traces shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tide.ir import ForwardInfo
+from tide.spec import spec_from_config
+from tide.trace import GenerationSettings, Trace, TraceMetadata
+
+SMALL_CONFIG = {
+    "model_type": "llada2_moe",
+    "hidden_size": 16,
+    "num_hidden_layers": 3,
+    "first_k_dense_replace": 1,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 8,
+    "num_experts": 6,
+    "num_experts_per_tok": 2,
+    "num_shared_experts": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 64,
+    "n_group": 1,
+    "topk_group": 1,
+    "mask_token_id": 63,
+    "eos_token_id": 62,
+    "torch_dtype": "bfloat16",
+}
+
+
+def small_spec(**overrides):
+    """A spec with 1 dense and 2 MoE layers, 6 experts, top-2."""
+    return spec_from_config({**SMALL_CONFIG, **overrides}, name="small")
+
+
+def make_trace(spec, routings: list[np.ndarray], kinds: list[str] | None = None, blocks=None, steps=None) -> Trace:
+    """Build a trace from per-pass [T, L, K] routings; passes default to prefill then denoise steps of block 0."""
+    kinds = kinds or ["prefill"] + ["denoise"] * (len(routings) - 1)
+    forwards = []
+    context = 0
+    for i, routing in enumerate(routings):
+        kind = kinds[i]
+        block = blocks[i] if blocks else (-1 if kind == "prefill" else 0)
+        step = steps[i] if steps else (-1 if kind == "prefill" else i - 1)
+        tokens = routing.shape[0]
+        context = tokens if kind == "prefill" else context + (tokens if kind == "cache_write" else 0)
+        forwards.append(ForwardInfo(index=i, kind=kind, block=block, step=step, num_tokens=tokens,
+                                    context_tokens=max(context, tokens) + (tokens if kind == "denoise" else 0),
+                                    committed_tokens=1 if kind == "denoise" else 0))
+    metadata = TraceMetadata(spec_name=spec.name, spec_hash=spec.config_hash, num_moe_layers=spec.num_moe_layers,
+                             num_experts=spec.num_experts, top_k=spec.top_k, prompt_ids=("p0",),
+                             generation=GenerationSettings(block_length=4, steps=4), source="test")
+    experts = np.concatenate(routings).astype(np.int16)
+    return Trace(metadata, tuple(forwards), experts)
