@@ -26,8 +26,12 @@ from tide.ir import OP_LANES, ForwardInfo, Op, Plan, Schedule
 from tide.policies import Placement, PolicyState, get_policy
 
 
-def _op(op_id: str, kind: str, deps: tuple[str, ...], layer: int = -1, **values) -> Op:
-    return Op(op_id, kind, OP_LANES[kind], deps, layer, **values)
+def _op(op_id: str, kind: str, deps: tuple[str, ...], layer: int = -1, tokens: int = 0, context: int = 0,
+        flops: float = 0.0, bytes: float = 0.0, experts: tuple[tuple[int, int], ...] = (), slot: int = -1,
+        evicts: int = -1) -> Op:
+    # Named parameters and a positional call rather than **kwargs, because a replay builds
+    # hundreds of thousands of ops and this takes about a quarter less time per op.
+    return Op(op_id, kind, OP_LANES[kind], deps, layer, tokens, context, flops, bytes, experts, slot, evicts)
 
 
 def tokens_per_expert(routing: np.ndarray, num_experts: int) -> np.ndarray:

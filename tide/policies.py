@@ -110,7 +110,7 @@ def refresh_to(state: LayerState, target: Sequence[int], tokens: np.ndarray) -> 
     promote = [e for e in target if e not in state.slot_of]
     if not promote:
         return []
-    empty = [s for s, e in enumerate(state.slots) if e < 0]
+    empty = [s for s, e in enumerate(state.slots) if e < 0] if min(state.slots, default=0) < 0 else []
     victims = sorted((e for e in state.slot_of if e not in target_set), key=lambda e: (int(tokens[e]), e))
     copies = []
     for expert in promote:
@@ -128,16 +128,17 @@ def split_by_residency(state: LayerState, active: Sequence[int], tokens: np.ndar
                        resident_before: set[int], fetched: set[int]) -> Placement:
     """Serve resident experts on the GPU and the rest on the CPU."""
     placement = Placement()
+    counts = tokens.tolist()  # Python ints: indexing a list is far cheaper than a NumPy array
+    slot_of = state.slot_of
+    fetched_pairs, hit_pairs, cpu_pairs = placement.fetched, placement.hits, placement.cpu
     for expert in active:
-        pair = (expert, int(tokens[expert]))
+        pair = (expert, counts[expert])
         if expert in fetched:
-            placement.fetched.append(pair)
-        elif expert in resident_before and expert in state.slot_of:
-            placement.hits.append(pair)
-        elif expert in state.slot_of:
-            placement.fetched.append(pair)
+            fetched_pairs.append(pair)
+        elif expert in slot_of:
+            (hit_pairs if expert in resident_before else fetched_pairs).append(pair)
         else:
-            placement.cpu.append(pair)
+            cpu_pairs.append(pair)
     return placement
 
 
@@ -242,7 +243,8 @@ class Interval(Policy):
         copies: list[tuple[int, int, int]] = []
         budget = plan.slot_budgets[moe_index]
         if budget > 0 and is_refresh_pass(plan, forward, moe_index):
-            ranked = sorted(active, key=lambda e: (-int(tokens[e]), e))[:budget]
+            # Most tokens first; the sort is stable and ``active`` ascends, so ties go to the lower id.
+            ranked = sorted(active, key=tokens.tolist().__getitem__, reverse=True)[:budget]
             copies = refresh_to(layer, ranked, tokens)
         if plan.miss_service[moe_index] == "fetch":
             placement = fetch_misses(layer, state, active, tokens)

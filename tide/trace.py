@@ -225,7 +225,30 @@ def save_trace(trace: Trace, path: str | Path) -> None:
         metadata = TraceMetadata(**{**asdict(metadata), "generation": metadata.generation,
                                     "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     header = {"tide_trace": json.dumps(metadata.to_json()), "sha256": _checksum(arrays)}
-    write_atomic(path, lambda temporary: save_file(arrays, temporary, metadata=header))
+
+    def write(temporary: str) -> None:
+        save_file(arrays, temporary, metadata=header)
+        _sort_header_metadata(temporary)
+
+    write_atomic(path, write)
+
+
+def _sort_header_metadata(path: str) -> None:
+    """Rewrite a safetensors file's header in place with its metadata keys sorted.
+
+    safetensors 0.8 writes the metadata map in hash order, which changes from process to
+    process, so without this the same trace would not always give the same bytes. The
+    header is rewritten only when the sorted form fits in the same length, which keeps
+    every data offset valid; JSON with the same content has that length in practice.
+    """
+    with open(path, "r+b") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            file.seek(8)
+            file.write(text.ljust(size, b" "))
 
 
 class TraceReader:

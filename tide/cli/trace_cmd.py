@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tide.cli.common import add_json_flag, emit, format_table
+from tide.cli.trace_synth_cmd import register_synth
 from tide.trace import load_trace
 from tide.trace_stats import compute_stats, interval_hit_rate
 
@@ -18,6 +19,7 @@ def register(subparsers) -> None:
                       help="refresh interval τ for the hit-rate table (repeatable; default: 1, 2, 4)")
     add_json_flag(info)
     info.set_defaults(func=run_info)
+    register_synth(commands)
 
 
 def run_info(args) -> int:
