@@ -99,7 +99,14 @@ class Lowering:
         placement = self.policy.place(self.plan, self.state, forward, moe_index, tokens)
         return self.lower_moe_layer(forward, layer, placement)
 
-    def lower_moe_layer(self, forward: ForwardInfo, layer: int, placement: Placement) -> list[Op]:
+    def lower_moe_layer(self, forward: ForwardInfo, layer: int, placement: Placement,
+                        cpu_rows: int | None = None) -> list[Op]:
+        """Build one MoE layer's ops from a placement.
+
+        ``act_d2h`` declares ``cpu_rows`` rows when given. Without it, the declared count is
+        min(tokens, CPU assignments), an upper bound on the distinct tokens the executor
+        copies. The planner prices from token counts alone, so it relies on that bound.
+        """
         prefix = f"L{layer:02d}."
         num_tokens = forward.num_tokens
         activation = self._activation_bytes
@@ -118,7 +125,7 @@ class Lowering:
         if placement.cpu:
             cpu_assignments = sum(n for _, n in placement.cpu)
             # Every token with a CPU assignment crosses once; outputs come back per assignment.
-            rows = min(num_tokens, cpu_assignments)
+            rows = cpu_rows if cpu_rows is not None else min(num_tokens, cpu_assignments)
             d2h = _op(prefix + "act_d2h", "act_d2h", (router.id,), layer, tokens=rows, bytes=rows * activation)
             cpu = _op(prefix + "cpu_experts", "cpu_experts", (d2h.id,), layer, tokens=cpu_assignments,
                       flops=cpu_assignments * self._expert_flops,

@@ -1,0 +1,218 @@
+"""Lanes: where the offload engine runs each op, and how it waits for the op's dependencies.
+
+Two implementations share one interface:
+
+* ``CudaLanes``: ``gpu`` ops on the current CUDA stream, ``h2d`` and ``d2h`` ops on a
+  stream each, ``cpu`` ops on a worker thread. A stream op waits for a stream op with
+  ``Stream.wait_event``. It waits for a CPU op by blocking the issuing thread until that op
+  is done. A CPU op waits for a stream op with ``Event.synchronize``. Spans come from CUDA
+  events for stream ops and from ``time.perf_counter`` for CPU ops.
+* ``SerialLanes``: the accelerator is the CPU device, the default there. Every op runs on
+  the calling thread as soon as it is issued, so the lanes never overlap. The two lanes
+  that compute (``gpu`` and ``cpu``) would share the same cores, and each would slow the
+  other by an amount that depends on what runs beside it, which no lane model can
+  predict. Spans come from ``time.perf_counter`` and tile each pass (see the class).
+* ``ThreadLanes``: the accelerator is the CPU device. ``gpu`` ops run on the calling
+  thread, and ``h2d``, ``d2h`` and ``cpu`` ops on one worker thread per lane, each waiting
+  for the futures of its dependencies. Spans come from ``time.perf_counter`` around the op,
+  which is synchronous on the CPU.
+
+Like a CUDA stream, every lane runs its ops in the order they are issued. A schedule lists
+every op after the ops it depends on (``tide.ir.Schedule.validate`` checks this), so
+issuing a schedule in order cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from tide.ir import Op
+
+logger = logging.getLogger(__name__)
+
+WORKER_LANES = ("h2d", "d2h", "cpu")
+
+
+def worker_pool(num_workers: int, name: str, intra_op_threads: int | None = None) -> ThreadPoolExecutor:
+    """Return a thread pool whose threads use ``intra_op_threads`` for PyTorch's intra-op work.
+
+    PyTorch's OpenMP thread count is per thread, and a new thread starts with one per core
+    whatever the calling thread set. So the pool sets it, by default to the calling thread's.
+    """
+    threads = intra_op_threads if intra_op_threads is not None else torch.get_num_threads()
+    return ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix=name,
+                              initializer=torch.set_num_threads, initargs=(max(1, threads),))
+
+
+def _inference(work: Callable[[], None]) -> None:
+    # inference_mode is thread-local, and worker threads update tensors made in it.
+    with torch.inference_mode():
+        work()
+
+
+class SerialLanes:
+    """Lanes for the CPU device that run every op on the calling thread, one at a time, in issue order.
+
+    Issue order is schedule order, a topological order of the dependencies, so every
+    dependency has finished when an op starts. An op's span starts when its work starts and
+    ends when the next op of the pass starts (the last op's ends with its work). The spans
+    therefore tile the pass, and each includes the engine's own work after the op: for a
+    router, lowering the layer with its routing. A simulator that runs the same ops one at
+    a time then predicts the pass's wall time from op durations alone.
+    """
+
+    def __init__(self) -> None:
+        self._done: set[str] = set()
+        self._records: list[tuple[Op, float, float]] = []
+
+    def begin_forward(self) -> None:
+        self._done = set()
+        self._records = []
+
+    def run(self, op: Op, work: Callable[[], None]) -> None:
+        for dep in op.deps:
+            if dep not in self._done:
+                raise RuntimeError(f"{op.id} was issued before its dependency {dep}")
+        start = time.perf_counter()
+        work()
+        self._records.append((op, start, time.perf_counter()))
+        self._done.add(op.id)
+
+    def finish_forward(self) -> list[tuple[Op, float, float]]:
+        """Return (op, start, end) in perf_counter seconds, each end moved to the next op's start."""
+        records = self._records
+        return [(op, start, records[i + 1][1] if i + 1 < len(records) else end)
+                for i, (op, start, end) in enumerate(records)]
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadLanes:
+    """Lanes for the CPU device: the calling thread plus one worker thread per other lane."""
+
+    def __init__(self) -> None:
+        self._workers = {lane: worker_pool(1, f"tide-{lane}") for lane in WORKER_LANES}
+        self._done: dict[str, object] = {}
+        self._records: list[tuple[Op, object]] = []
+
+    def begin_forward(self) -> None:
+        self._done = {}
+        self._records = []
+
+    def run(self, op: Op, work: Callable[[], None]) -> None:
+        # A finished op's handle is its (start, end); a worker lane's is a Future of it.
+        done = self._done
+        if op.lane == "gpu":
+            for dep in op.deps:
+                handle = done[dep]
+                if isinstance(handle, Future):
+                    handle.result()
+            start = time.perf_counter()
+            work()
+            handle = (start, time.perf_counter())
+        else:
+            handle = self._workers[op.lane].submit(self._run_after, [done[d] for d in op.deps], work)
+        done[op.id] = handle
+        self._records.append((op, handle))
+
+    @staticmethod
+    def _run_after(deps: list, work: Callable[[], None]) -> tuple[float, float]:
+        for dep in deps:
+            if isinstance(dep, Future):
+                dep.result()
+        start = time.perf_counter()
+        _inference(work)
+        return start, time.perf_counter()
+
+    def finish_forward(self) -> list[tuple[Op, float, float]]:
+        """Wait for every op of the pass; return (op, start, end) in perf_counter seconds."""
+        return [(op, *(handle.result() if isinstance(handle, Future) else handle))
+                for op, handle in self._records]
+
+    def close(self) -> None:
+        for worker in self._workers.values():
+            worker.shutdown(wait=True)
+
+
+class CudaLanes:
+    """Lanes on a CUDA device: the compute stream, a copy stream each way, and a CPU worker thread.
+
+    NOTE: the test suite runs without a GPU, so only ``scripts/gpu_check.py`` exercises this class.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._streams = {
+            "gpu": torch.cuda.current_stream(device),
+            "h2d": torch.cuda.Stream(device),
+            "d2h": torch.cuda.Stream(device),
+        }
+        self._cpu = worker_pool(1, "tide-cpu")
+        self._done: dict[str, object] = {}  # op id -> (start event, end event) or Future
+        self._records: list[tuple[Op, object]] = []
+        self._base_event: torch.cuda.Event | None = None
+        self._base_s = 0.0
+
+    def stream(self, lane: str) -> torch.cuda.Stream:
+        return self._streams[lane]
+
+    def begin_forward(self) -> None:
+        self._done = {}
+        self._records = []
+        torch.cuda.synchronize(self.device)
+        self._base_event = torch.cuda.Event(enable_timing=True)
+        self._base_event.record(self._streams["gpu"])
+        self._base_s = time.perf_counter()
+
+    def run(self, op: Op, work: Callable[[], None]) -> None:
+        deps = [self._done[d] for d in op.deps]
+        if op.lane == "cpu":
+            handle: object = self._cpu.submit(self._run_after, deps, work)
+        else:
+            stream = self._streams[op.lane]
+            for dep in deps:
+                if isinstance(dep, Future):
+                    dep.result()
+                else:
+                    stream.wait_event(dep[1])
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                work()
+                end.record(stream)
+            handle = (start, end)
+        self._done[op.id] = handle
+        self._records.append((op, handle))
+
+    @staticmethod
+    def _run_after(deps: list, work: Callable[[], None]) -> tuple[float, float]:
+        for dep in deps:
+            if isinstance(dep, Future):
+                dep.result()
+            else:
+                dep[1].synchronize()
+        start = time.perf_counter()
+        _inference(work)
+        return start, time.perf_counter()
+
+    def finish_forward(self) -> list[tuple[Op, float, float]]:
+        torch.cuda.synchronize(self.device)
+        records = []
+        for op, handle in self._records:
+            if isinstance(handle, Future):
+                start_s, end_s = handle.result()
+            else:
+                start_s = self._base_s + self._base_event.elapsed_time(handle[0]) / 1e3
+                end_s = self._base_s + self._base_event.elapsed_time(handle[1]) / 1e3
+            records.append((op, start_s, end_s))
+        return records
+
+    def close(self) -> None:
+        self._cpu.shutdown(wait=True)
