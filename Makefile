@@ -19,8 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/tide spec show tiny
-	$(BIN)/tide trace info traces/demo.trace
+	$(BIN)/tide generate --prompt "def fibonacci(n):" --policy tide --interval 2 --gen-tokens 64
 
 test: setup
 	$(BIN)/python -m pytest -q
