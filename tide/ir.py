@@ -9,8 +9,8 @@ This module is the contract between the planner, the simulator and the executor.
   of one forward pass: an ordered list of **ops**. Each op runs on one **lane** (``gpu``
   compute, ``h2d`` and ``d2h`` copy engines, ``cpu`` expert threads) once the ops it
   depends on have finished. A lane runs its ops in schedule order, like a CUDA stream,
-  and the schedule order is a topological order of the dependencies, so a schedule can
-  never deadlock.
+  and the schedule order is a topological order of the dependencies, so a schedule that
+  passes ``Schedule.validate`` cannot deadlock.
 * A **Timeline** is a list of **spans** (op id, lane, start, end) produced by either
   engine. Both engines use the same op ids, so the validator matches them one to one.
 
@@ -61,7 +61,7 @@ FIRST_BLOCK_RULES = ("every-step", "interval")
 
 @dataclass(frozen=True)
 class Overlap:
-    """What may run at the same time. Turning both off gives the sequential reference."""
+    """Settings for which lanes may work at the same time. Both off give the sequential reference."""
 
     copies_with_compute: bool = True  # expert copies on their own stream during GPU work
     cpu_with_gpu: bool = True  # CPU expert work during GPU expert work
@@ -243,7 +243,7 @@ class Op:
 
 @dataclass(frozen=True)
 class ForwardInfo:
-    """Where a forward pass sits in a generation run."""
+    """The position of a forward pass in a generation run."""
 
     index: int  # position in the run, 0-based, over all sequences
     kind: str  # one of FORWARD_KINDS

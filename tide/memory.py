@@ -10,7 +10,7 @@ from tide.units import format_bytes
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """What a GPU memory budget holds, in bytes, and the slots per MoE layer that follow."""
+    """The parts of a GPU memory budget, in bytes, and the slots per MoE layer that remain."""
 
     gpu_memory_bytes: int
     non_expert_bytes: int

@@ -81,7 +81,7 @@ class Placement:
 
 
 def is_refresh_pass(plan: Plan, forward: ForwardInfo, moe_index: int) -> bool:
-    """Whether an interval policy refreshes this layer in this forward pass.
+    """Return whether an interval policy refreshes this layer in this forward pass.
 
     The prompt's pass always refreshes; a cache-write pass never does. In a denoising pass
     the explicit refresh steps decide when the plan has them, else the interval does
@@ -146,9 +146,9 @@ def fetch_misses(state: LayerState, policy_state: PolicyState, active: Sequence[
                  tokens: np.ndarray) -> Placement:
     """Copy every non-resident active expert into a slot before use, evicting LRU experts.
 
-    Victims are chosen in this order: an empty slot; the least recently used expert that
-    this pass does not need; an expert this pass already used (the earliest, so its
-    reader finishes first). The lowering makes such a copy wait for that reader.
+    A copy takes the first empty slot. Without one, it evicts the least recently used
+    expert that this pass does not need. When every resident expert is needed, it evicts
+    the one this pass used earliest, and the lowering makes the copy wait for that reader.
     """
     placement = Placement()
     resident_before = set(state.slot_of)

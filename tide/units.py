@@ -22,7 +22,7 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str | int, *, field: str = "size") -> int:
-    """Parse '24GiB', '24GB', '1.5e9'-free decimal forms like '1536MiB', or a byte count."""
+    """Parse a size such as '24GiB', '24GB', '1.5GiB' or a plain byte count into bytes."""
     if isinstance(text, int):
         if text < 0:
             raise InputError("a size must not be negative", field=field, value=text)
