@@ -75,6 +75,7 @@ class _MoePass:
     order: torch.Tensor  # flat (token, top-k position) indices sorted by expert, on the device
     offsets: list[int]  # E + 1 values: the start of each expert's run in ``order``
     outputs: torch.Tensor  # [T * K, H] one row per assignment
+    layer_ops: list[Op] = field(default_factory=list)  # the layer's lowered ops
     order_host: np.ndarray | None = None  # ``order`` on the host, for the CPU lane
     shared: torch.Tensor | None = None
     cpu_rows: np.ndarray | None = None  # flat assignment indices served on the CPU, grouped by expert
@@ -161,7 +162,10 @@ class OffloadEngine:
         # Slots, and the resident sets the policy starts from (load time, not counted as copies).
         self.lowering = Lowering(plan, spec)
         packed_size = self.master[0].shape[1] if self.master else 0
-        self.slots = [torch.empty(budget, packed_size, dtype=self.dtype, device=self.device)
+        # Zeroed, not empty: on the CPU device the first write to a fresh page faults it in,
+        # which made a slot's first copy about 8 times slower than later ones (1.5 MiB
+        # experts on a 2-core development machine).
+        self.slots = [torch.zeros(budget, packed_size, dtype=self.dtype, device=self.device)
                       for budget in plan.slot_budgets]
         self.slot_experts: list[list[int]] = []
         self.load_h2d_bytes = 0
@@ -174,15 +178,19 @@ class OffloadEngine:
         self._slot_of = [{e: s for s, e in enumerate(slots) if e >= 0} for slots in self.slot_experts]
         self._moe_index = {layer: i for i, layer in enumerate(spec.moe_layers)}
 
+        self.cpu_threads = max(1, cpu_threads)
         if self.device.type == "cuda":
             if serial_lanes:
                 raise NotImplementedError("serial lanes on a CUDA device: its lanes are streams that overlap")
             self.lanes = CudaLanes(self.device)
+        elif serial_lanes is False:
+            self.lanes = ThreadLanes()
         else:
             # On the CPU device the accelerator lane and the CPU lane share the cores, so by
-            # default nothing overlaps (see executor.lanes.SerialLanes).
-            self.lanes = ThreadLanes() if serial_lanes is False else SerialLanes()
-        self.cpu_threads = max(1, cpu_threads)
+            # default nothing overlaps (see executor.lanes.SerialLanes). When this thread does
+            # all the work, spans measure its CPU time, which leaves out other processes.
+            single_thread = torch.get_num_threads() == 1 and self.cpu_threads == 1
+            self.lanes = SerialLanes(cpu_clock=single_thread)
         # Each expert thread gets an equal share of the intra-op threads.
         self._cpu_pool = (worker_pool(self.cpu_threads, "tide-cpu-expert",
                                       max(1, torch.get_num_threads() // self.cpu_threads))
@@ -313,7 +321,9 @@ class OffloadEngine:
                 raise RuntimeError(f"layer {layer}: the engine ran {ran.id} before lowering, but the schedule "
                                    f"has {lowered.id} ({lowered.kind}, deps {lowered.deps}) in its place")
         self._open_ops.extend(ops[:2])
-        self._prepare_cpu_work(ops, state.moe)
+        # act_d2h prepares the CPU path, so that its cost falls on an op that exists only
+        # when the layer has CPU work, and not on the router.
+        state.moe.layer_ops = ops
         self._run_ops(ops[2:], state)
 
     # --- op work ------------------------------------------------------------------------
@@ -432,6 +442,7 @@ class OffloadEngine:
     def _act_d2h(self, moe: _MoePass) -> None:
         # NOTE: one row per distinct token with CPU work. The lowering declares
         # min(tokens, CPU assignments) rows, so measured d2h bytes can be below the schedule's.
+        self._prepare_cpu_work(moe.layer_ops, moe)
         tokens = torch.from_numpy(moe.cpu_tokens).to(self.device)
         rows = moe.x.index_select(0, tokens)
         if self.device.type == "cpu":
@@ -463,7 +474,10 @@ class OffloadEngine:
 
     def _act_h2d(self, moe: _MoePass) -> None:
         if self.device.type == "cpu":
-            moe.y_device = moe.y_host.clone()
+            # On the CPU device the copy back is the scatter into the assignment buffer
+            # itself, so its cost falls on this op, which the schedule sizes by CPU rows.
+            rows = torch.from_numpy(moe.cpu_rows)
+            moe.outputs.index_copy_(0, rows, moe.y_host)
         else:
             moe.y_device = moe.y_host.to(self.device, non_blocking=self.pinned)
             moe.y_device.record_stream(self.lanes.stream("gpu"))

@@ -11,7 +11,8 @@ Two implementations share one interface:
   the calling thread as soon as it is issued, so the lanes never overlap. The two lanes
   that compute (``gpu`` and ``cpu``) would share the same cores, and each would slow the
   other by an amount that depends on what runs beside it, which no lane model can
-  predict. Spans come from ``time.perf_counter`` and tile each pass (see the class).
+  predict. Spans tile each pass, in the thread's CPU time when it does all the work (see
+  the class).
 * ``ThreadLanes``: the accelerator is the CPU device. ``gpu`` ops run on the calling
   thread, and ``h2d``, ``d2h`` and ``cpu`` ops on one worker thread per lane, each waiting
   for the futures of its dependencies. Spans come from ``time.perf_counter`` around the op,
@@ -63,30 +64,45 @@ class SerialLanes:
     ends when the next op of the pass starts (the last op's ends with its work). The spans
     therefore tile the pass, and each includes the engine's own work after the op: for a
     router, lowering the layer with its routing. A simulator that runs the same ops one at
-    a time then predicts the pass's wall time from op durations alone.
+    a time then predicts the pass's time from op durations alone.
+
+    With ``cpu_clock`` the spans measure the calling thread's CPU time
+    (``time.thread_time``), laid end to end from the pass's ``time.perf_counter`` start.
+    Time that the OS gives to other processes is then left out, which keeps a timeline
+    measured on a busy machine close to one measured on an idle one. Only pass
+    ``cpu_clock`` when this thread does all the work (one intra-op thread, no expert
+    thread pool), because other threads' CPU time is not counted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, cpu_clock: bool = False) -> None:
+        self.cpu_clock = cpu_clock
+        self._clock = time.thread_time if cpu_clock else time.perf_counter
         self._done: set[str] = set()
         self._records: list[tuple[Op, float, float]] = []
+        self._begin_wall_s = 0.0
+        self._begin_clock_s = 0.0
 
     def begin_forward(self) -> None:
         self._done = set()
         self._records = []
+        self._begin_wall_s = time.perf_counter()
+        self._begin_clock_s = self._clock()
 
     def run(self, op: Op, work: Callable[[], None]) -> None:
         for dep in op.deps:
             if dep not in self._done:
                 raise RuntimeError(f"{op.id} was issued before its dependency {dep}")
-        start = time.perf_counter()
+        clock = self._clock
+        start = clock()
         work()
-        self._records.append((op, start, time.perf_counter()))
+        self._records.append((op, start, clock()))
         self._done.add(op.id)
 
     def finish_forward(self) -> list[tuple[Op, float, float]]:
         """Return (op, start, end) in perf_counter seconds, each end moved to the next op's start."""
         records = self._records
-        return [(op, start, records[i + 1][1] if i + 1 < len(records) else end)
+        shift = self._begin_wall_s - self._begin_clock_s
+        return [(op, start + shift, (records[i + 1][1] if i + 1 < len(records) else end) + shift)
                 for i, (op, start, end) in enumerate(records)]
 
     def close(self) -> None:

@@ -25,7 +25,6 @@ times.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -285,6 +284,7 @@ class EngineRun:
     end_ns: list[int]
     pass_begin_ns: list[int]
     pass_end_ns: list[int]
+    shared_cores: bool = False  # every pass's ops ran one at a time in schedule order
 
     @property
     def total_ns(self) -> int:
@@ -301,11 +301,13 @@ class Engine:
     """
 
     def __init__(self, program: Program, *, shared_cores: bool = False) -> None:
-        if shared_cores:
-            program = dataclasses.replace(program, lane_ops=[
-                [list(range(program.pass_start[p], program.pass_start[p + 1]))] + [[] for _ in LANES[1:]]
-                for p in range(len(program.forwards))])
         self.program = program
+        self.shared_cores = shared_cores
+        self._lane_ops = program.lane_ops
+        if shared_cores:
+            self._lane_ops = [
+                [list(range(program.pass_start[p], program.pass_start[p + 1]))] + [[] for _ in LANES[1:]]
+                for p in range(len(program.forwards))]
         num_ops = len(program.ops)
         num_passes = len(program.forwards)
         self.env = simpy.Environment()
@@ -327,7 +329,8 @@ class Engine:
             op = self.program.ops[unfinished[0]]
             raise RuntimeError(f"simulation stopped with {len(unfinished)} ops unfinished, the first {op.id!r}")
         self._check_slot_order()
-        return EngineRun(self.program, self.start_ns, self.end_ns, self.pass_begin_ns, self.pass_end_ns)
+        return EngineRun(self.program, self.start_ns, self.end_ns, self.pass_begin_ns, self.pass_end_ns,
+                         self.shared_cores)
 
     def _lane(self, lane: int):
         """Run one lane's ops pass by pass, then meet the other lanes at the pass's end."""
@@ -338,7 +341,7 @@ class Engine:
         waiters = self._waiters
         timeout = env.timeout
         num_lanes = len(LANES)
-        for forward_number, lane_ops in enumerate(program.lane_ops):
+        for forward_number, lane_ops in enumerate(self._lane_ops):
             now = env.now
             for i in lane_ops[lane]:
                 for d in deps[i]:
@@ -415,7 +418,11 @@ def critical_path(run: EngineRun) -> list[list[int]]:
                 if end[d] == start[current]:
                     predecessor = d
                     break
-            if predecessor < 0:
+            if predecessor < 0 and run.shared_cores:
+                # One process ran the whole pass, so the op before in schedule order is the one.
+                if current > first and end[current - 1] == start[current]:
+                    predecessor = current - 1
+            elif predecessor < 0:
                 # The op before this one on its lane; lane lists ascend, so bisect finds it.
                 numbers = lane_ops[program.lane[current]]
                 position = bisect_left(numbers, current)

@@ -153,9 +153,13 @@ def test_unknown_profile_rejected(capsys, tiny_trace):
     assert "h100-pcie" in err
 
 
-def test_shared_cores_profile_rejected(capsys, tiny_trace):
-    err = run_error(capsys, ["simulate", "--trace", tiny_trace, "--hardware", "cpu-host", "--gpu-memory", "1GiB"])
-    assert "shared_cores" in err
+def test_shared_cores_profile_runs_lanes_one_at_a_time(capsys, tiny_trace):
+    result = run_json(capsys, ["simulate", "--trace", tiny_trace, "--hardware", "cpu-host", "--gpu-memory", "1GiB",
+                               "--slots", "6"])
+    (row,) = result["policies"]
+    # One op at a time: the lanes' busy fractions add up to the whole run.
+    assert sum(row["lane_busy_fraction"].values()) == pytest.approx(1.0)
+    assert row["lane_busy_fraction"]["cpu"] > 0
 
 
 def test_unknown_policy_rejected(capsys, tiny_trace):

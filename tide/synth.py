@@ -8,10 +8,18 @@ block stores its committed tokens.
 
 Routing model (per MoE layer, per token, ``top_k`` distinct experts):
 
-* **Popularity**: each MoE layer ranks its experts by a random permutation and weights
-  rank r (1-based) by ``r ** -skew`` (a Zipf law). ``skew`` 0 is uniform, and larger values
-  concentrate the routing on fewer experts. A token draws its experts from these weights
-  without replacement.
+* **Popularity**: within a block, each MoE layer ranks its experts by a popularity score
+  and weights rank r (1-based) by ``r ** -skew`` (a Zipf law). ``skew`` 0 is uniform, and
+  larger values concentrate the routing on fewer experts. A token draws its experts from
+  these weights without replacement.
+* **Drift**: an expert's score is ``sqrt(1 - context_share) * m + sqrt(context_share) * c``,
+  both parts standard normal per (layer, expert). The model part ``m`` is drawn from the
+  spec's config hash, so every seed of one spec shares it, as prompts run on one model
+  do. The context part ``c`` is drawn from the seed for the prompt and the first block,
+  and changes from one block to the next as ``c' = (1 - drift) * c + sqrt(1 - (1 - drift)**2) * noise``.
+  ``drift`` 0 keeps one ranking for the whole run. ``drift`` 1 draws a new context part
+  for every block. The scores of consecutive blocks thus correlate by
+  ``1 - context_share * drift``.
 * **Persistence**: from one denoising step to the next, each of a block position's
   experts stays with probability ``persistence``. The others are redrawn from the
   popularity weights among the experts the token did not hold at the previous step. A
@@ -26,8 +34,9 @@ routing is what the cache-write pass feeds, and without a KV cache it is what ev
 pass feeds for that block, because causal attention across blocks keeps finished tokens'
 hidden states fixed.
 
-All randomness comes from one ``numpy.random.Generator`` seeded with ``seed`` and drawn in
-a fixed order, so the same arguments give the same trace.
+All randomness except the model part of the scores comes from one
+``numpy.random.Generator`` seeded with ``seed`` and drawn in a fixed order, so the same
+arguments give the same trace.
 NOTE: NumPy promises the same stream only for the same NumPy build on the same kind of
 machine (its random-number compatibility policy), and its vectorised ``exp`` and ``log``
 may round differently on other CPUs, so another build or CPU may give another trace.
@@ -35,6 +44,7 @@ may round differently on other CPUs, so another build or CPU may give another tr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -60,22 +70,39 @@ class SynthDefaults:
     tokens_per_forward: float  # committed tokens per denoising step, mean
     skew: float  # Zipf exponent of expert popularity in every MoE layer
     persistence: float  # probability that a token keeps an expert from one step to the next
+    drift: float  # change of the context part of the popularity scores from one block to the next
+    context_share: float  # share of the popularity scores' variance that follows the context, not the model
 
 
-# Rough defaults per shipped spec. Tokens per forward are the published measurements
-# (2.60 for LLaDA2.0-mini, 3.19 for LLaDA2.0-flash). Skew and persistence are first
-# estimates, set so that a mini trace shows about 70 distinct experts per 32-token
-# denoising pass and an adjacent-step cosine similarity of activations near 0.985, the
-# published figures.
-# TODO: calibrate skew and persistence against recorded traces; the flash values reuse
-# the mini targets because no per-step statistics of flash are published.
+# Defaults per shipped spec, fitted by scripts/fit_synth.py on 256-token traces with a
+# 64-token prompt (docs/synthetic_traces.md has the procedure and the figures). Tokens per
+# forward are the published measurements: 2.60 for LLaDA2.0-mini, 3.19 for LLaDA2.0-flash.
+# skew gives mini's published 70 distinct experts per 32-token pass, and persistence its
+# adjacent-step cosine similarity of 0.985. drift brings the tide policy's hit rate at 128
+# slots per layer and τ = 2 to 0.94, inside the 0.93 to 0.95 of the reference
+# implementation's mini logs. Flash takes mini's distinct-expert count (same router
+# shape) and mini's drift, because neither is published for flash.
+# NOTE: context_share is an estimate, because no published figure measures how popular
+# an expert stays across prompts. It sets how well a static hot set profiled on other
+# prompts does; scripts/fit_synth.py --trace --fit fits it to recorded traces.
 SYNTH_DEFAULTS: dict[str, SynthDefaults] = {
-    "llada2-mini": SynthDefaults(tokens_per_forward=2.60, skew=1.55, persistence=0.82),
-    "llada2.1-mini": SynthDefaults(tokens_per_forward=2.60, skew=1.55, persistence=0.82),
-    "llada2-flash": SynthDefaults(tokens_per_forward=3.19, skew=1.55, persistence=0.82),
+    "llada2-mini": SynthDefaults(tokens_per_forward=2.60, skew=1.58, persistence=0.83, drift=0.68,
+                                 context_share=0.8),
+    "llada2.1-mini": SynthDefaults(tokens_per_forward=2.60, skew=1.58, persistence=0.83, drift=0.68,
+                                   context_share=0.8),
+    "llada2-flash": SynthDefaults(tokens_per_forward=3.19, skew=1.57, persistence=0.83, drift=0.68,
+                                  context_share=0.8),
 }
-# For specs without an entry, e.g. a config.json given by path.
-GENERIC_SYNTH_DEFAULTS = SynthDefaults(tokens_per_forward=2.60, skew=1.55, persistence=0.82)
+# For specs without an entry, e.g. a config.json given by path or the embedded tiny model:
+# mini's values, the only model with published per-step statistics.
+GENERIC_SYNTH_DEFAULTS = SynthDefaults(tokens_per_forward=2.60, skew=1.58, persistence=0.83, drift=0.68,
+                                       context_share=0.8)
+
+
+# Added to a synthetic trace's seed to draw the trace that profiles it (see
+# ``profiling_trace_for``), far enough that a sweep over a few seeds never scores a trace
+# on itself.
+PROFILE_SEED_OFFSET = 1000
 
 
 def synth_defaults(spec_name: str) -> SynthDefaults:
@@ -94,6 +121,8 @@ def synthesize_trace(
     tokens_per_forward: float | None = None,
     skew: float | Sequence[float] | None = None,
     persistence: float | None = None,
+    drift: float | None = None,
+    context_share: float | None = None,
     kv_cache: bool = True,
 ) -> Trace:
     """Draw a synthetic trace for ``spec``; see the module docstring for the model.
@@ -107,14 +136,18 @@ def synthesize_trace(
     steps = block_length if steps is None else steps
     tokens_per_forward = defaults.tokens_per_forward if tokens_per_forward is None else tokens_per_forward
     persistence = defaults.persistence if persistence is None else persistence
+    drift = defaults.drift if drift is None else drift
+    context_share = defaults.context_share if context_share is None else context_share
     skews = _layer_skews(defaults.skew if skew is None else skew, spec.num_moe_layers)
     _check_arguments(gen_tokens, prompt_tokens, seed, block_length, steps, tokens_per_forward, persistence)
+    _check_probability(drift, "drift")
+    _check_probability(context_share, "context_share")
 
     rng = np.random.Generator(np.random.PCG64(seed))
     num_blocks = gen_tokens // block_length
-    log_weights = _popularity_log_weights(rng, skews, spec.num_experts)  # [L, E]
+    popularity = _Popularity(rng, spec.config_hash, skews, spec.num_experts, drift, context_share)
     steps_per_block = _steps_per_block(rng, num_blocks, block_length, steps, tokens_per_forward)
-    router = _Router(rng, log_weights, spec.top_k, persistence)
+    router = _Router(rng, popularity.log_weights(), spec.top_k, persistence)
     logger.info("synthesizing %d blocks, %d denoising steps, seed %d, for %s", num_blocks,
                 int(steps_per_block.sum()), seed, spec.name)
 
@@ -129,6 +162,9 @@ def synthesize_trace(
     for block in range(num_blocks):
         context = prompt_tokens + (block + 1) * block_length
         committed = _split_block(rng, block_length, int(steps_per_block[block]))
+        if block > 0:
+            # The prompt and the first block share the first context.
+            router.set_log_weights(popularity.advance())
         block_routing = router.fresh(block_length)
         for step, count in enumerate(committed):
             if step > 0:
@@ -156,10 +192,32 @@ def synthesize_trace(
         source="synthetic",
         created_at=SYNTHETIC_CREATED_AT,
         extra={"synthetic": {"seed": seed, "prompt_tokens": prompt_tokens, "tokens_per_forward": tokens_per_forward,
-                             "skew": list(skews), "persistence": persistence}},
+                             "skew": list(skews), "persistence": persistence, "drift": drift,
+                             "context_share": context_share}},
     )
     experts = np.concatenate(routings).astype(np.int16)
     return Trace(metadata=metadata, forwards=tuple(forwards), experts=experts)
+
+
+def profiling_trace_for(trace: Trace, spec, *, seed_offset: int = PROFILE_SEED_OFFSET) -> Trace | None:
+    """Return a synthetic trace drawn with ``trace``'s arguments and its seed plus ``seed_offset``.
+
+    It stands for a profiling run on other prompts of the same model, which the policies
+    that learn from a trace (static's hot sets, the planner's budgets and intervals) should
+    see in place of the run they are scored on. Returns None when ``trace`` is not
+    synthetic. A synthetic trace written before the drift knob existed has no drift and
+    all its popularity follows the seed, so it is redrawn with drift 0 and context share 1.
+    """
+    settings = trace.metadata.extra.get("synthetic") if trace.metadata.source == "synthetic" else None
+    if settings is None:
+        return None
+    generation = trace.metadata.generation
+    return synthesize_trace(
+        spec, gen_tokens=generation.gen_tokens, prompt_tokens=settings["prompt_tokens"],
+        seed=settings["seed"] + seed_offset, block_length=generation.block_length, steps=generation.steps,
+        tokens_per_forward=settings["tokens_per_forward"], skew=settings["skew"],
+        persistence=settings["persistence"], drift=settings.get("drift", 0.0),
+        context_share=settings.get("context_share", 1.0), kv_cache=generation.kv_cache)
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,22 +259,53 @@ def _check_arguments(gen_tokens: int, prompt_tokens: int, seed: int, block_lengt
     if not lowest <= tokens_per_forward <= block_length:
         raise InputError(f"must fit {block_length}-token blocks of at most {steps} steps", field="tokens_per_forward",
                          value=tokens_per_forward, accepted=f"{lowest:g} to {block_length}")
-    if not 0.0 <= persistence <= 1.0:
-        raise InputError("must be a probability", field="persistence", value=persistence, accepted="0 to 1")
+    _check_probability(persistence, "persistence")
+
+
+def _check_probability(value: float, field: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise InputError("must be between 0 and 1", field=field, value=value, accepted="0 to 1")
 
 
 # ---------------------------------------------------------------------------------------
 # Random draws
 
 
-def _popularity_log_weights(rng: np.random.Generator, skews: Sequence[float], num_experts: int) -> np.ndarray:
-    """Return log popularity weights [L, E]: Zipf over a random expert order per layer."""
-    ranks = np.arange(1, num_experts + 1, dtype=np.float64)
-    log_weights = np.empty((len(skews), num_experts))
-    for layer, skew in enumerate(skews):
-        order = rng.permutation(num_experts)
-        log_weights[layer, order] = -skew * np.log(ranks)
-    return log_weights
+class _Popularity:
+    """The popularity scores of every (MoE layer, expert), [L, E], and the Zipf weights they give.
+
+    See the module docstring for the model. The model part comes from its own generator,
+    seeded by the spec's config hash, so that it does not depend on ``seed``.
+    """
+
+    def __init__(self, rng: np.random.Generator, spec_hash: str, skews: Sequence[float], num_experts: int,
+                 drift: float, context_share: float) -> None:
+        self.rng = rng
+        self.skews = np.asarray(skews, dtype=np.float64)[:, None]  # [L, 1]
+        self.drift = drift
+        self.context_share = context_share
+        model_seed = int.from_bytes(hashlib.sha256(spec_hash.encode()).digest()[:8], "little")
+        shape = (len(skews), num_experts)
+        self.model_scores = np.random.Generator(np.random.PCG64(model_seed)).standard_normal(shape)
+        self.context_scores = rng.standard_normal(shape)
+        self.log_ranks = np.log(np.arange(1, num_experts + 1, dtype=np.float64))
+
+    def log_weights(self) -> np.ndarray:
+        """Return log weights [L, E]: ``-skew * log(rank)``, rank 1 for the highest score."""
+        scores = (math.sqrt(1.0 - self.context_share) * self.model_scores
+                  + math.sqrt(self.context_share) * self.context_scores)
+        order = np.argsort(-scores, axis=1, kind="stable")  # [L, E]: experts from the most popular down
+        log_weights = np.empty_like(scores)
+        np.put_along_axis(log_weights, order, -self.skews * self.log_ranks[None, :], axis=1)
+        return log_weights
+
+    def advance(self) -> np.ndarray:
+        """Move the context part on by one block and return the new log weights [L, E]."""
+        if self.drift > 0.0:
+            kept = 1.0 - self.drift
+            noise = self.rng.standard_normal(self.context_scores.shape)
+            self.context_scores = kept * self.context_scores + math.sqrt(1.0 - kept * kept) * noise
+        return self.log_weights()
 
 
 def _steps_per_block(rng: np.random.Generator, num_blocks: int, block_length: int, steps: int,
@@ -251,10 +340,14 @@ class _Router:
 
     def __init__(self, rng: np.random.Generator, log_weights: np.ndarray, top_k: int, persistence: float) -> None:
         self.rng = rng
-        self.log_weights = log_weights
-        self.num_layers, self.num_experts = log_weights.shape
         self.top_k = top_k
         self.persistence = persistence
+        self.set_log_weights(log_weights)
+
+    def set_log_weights(self, log_weights: np.ndarray) -> None:
+        """Draw from now on from the popularity ``log_weights`` [L, E]."""
+        self.log_weights = log_weights
+        self.num_layers, self.num_experts = log_weights.shape
         weights = np.exp(log_weights - log_weights.max(axis=1, keepdims=True))
         weights /= weights.sum(axis=1, keepdims=True)
         self.flat_weights = weights.ravel()  # [L*E]

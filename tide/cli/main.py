@@ -11,7 +11,7 @@ from tide import __version__
 from tide.errors import TideError
 
 # Subcommand modules, in the order ``tide --help`` lists them.
-COMMAND_MODULES = ("spec", "hw", "trace", "simulate", "generate", "plan")
+COMMAND_MODULES = ("spec", "hw", "trace", "simulate", "generate", "plan", "sweep", "calibrate", "validate")
 
 
 def build_parser() -> argparse.ArgumentParser:

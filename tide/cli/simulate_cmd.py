@@ -15,6 +15,7 @@ from tide.ir import FIRST_BLOCK_RULES, POLICY_NAMES, Plan, load_plan, save_timel
 from tide.memory import plan_memory
 from tide.policies import check_plan_matches_spec, make_plan
 from tide.spec import list_specs, load_spec
+from tide.synth import PROFILE_SEED_OFFSET, profiling_trace_for
 from tide.trace import TraceReader, check_trace_matches_spec, load_trace
 from tide.units import format_bytes, parse_size
 
@@ -29,8 +30,8 @@ def register(subparsers) -> None:
         "simulate", help="replay a trace under a policy on a hardware profile",
         description="Lower the trace under each plan with the shared lowering and run the schedules on the "
                     "SimPy model of GPU, copy engines and CPU, with durations from the hardware profile. "
-                    "The static policy's hot sets come from the replayed trace itself unless --profile-trace "
-                    "names another one.")
+                    "The static policy's hot sets come from a profiling trace other than the replayed one: "
+                    "--profile-trace, or for a synthetic trace the same generator with another seed.")
 
     # What to simulate.
     parser.add_argument("--trace", required=True, metavar="PATH", help="trace file to replay")
@@ -54,7 +55,9 @@ def register(subparsers) -> None:
                         help="slots per MoE layer, replacing the number that --gpu-memory leaves room for")
     parser.add_argument("--plan", default=None, metavar="PLAN.json", help="simulate this plan (e.g. from the planner)")
     parser.add_argument("--profile-trace", default=None, metavar="PATH",
-                        help="trace that chooses the static policy's hot sets (default: the replayed trace)")
+                        help="trace that chooses the static policy's hot sets (default: for a synthetic trace, "
+                             f"one drawn with its arguments and seed + {PROFILE_SEED_OFFSET}; for a recorded "
+                             "trace, the replayed trace itself, which flatters static)")
 
     # Outputs.
     parser.add_argument("--timeline-out", default=None, metavar="PATH",
@@ -78,10 +81,6 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise InputError("unknown policy", field="--policy", value=args.policy,
                          accepted=", ".join(POLICY_NAMES) + ", all")
     profile = load_profile(args.hardware)
-    if profile.shared_cores:
-        raise InputError("the simulator does not model profiles whose gpu and cpu lanes share the same cores yet",
-                         source=args.hardware, field="shared_cores", value=True,
-                         accepted="a profile with shared_cores false, e.g. one of 'tide hw list'")
     reader = TraceReader(args.trace)
     spec = _load_model(args.model, reader)
     check_trace_matches_spec(reader.metadata, spec, source=args.trace)
@@ -91,10 +90,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                          batch_tokens=max(f.num_tokens for f in forwards))
     slots = _slots(args.slots, budget.slots_per_layer, spec)
     trace = load_trace(args.trace)
-    profile_trace = trace
-    if args.profile_trace is not None:
-        profile_trace = load_trace(args.profile_trace)
-        check_trace_matches_spec(profile_trace.metadata, spec, source=args.profile_trace)
+    profile_trace, profile_source = _profile_trace(args, trace, spec)
     plans, skipped = _plans(args, spec, slots, budget, profile_trace)
 
     results = {}
@@ -117,6 +113,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "hardware": profile.name,
         "gpu_memory_bytes": gpu_memory,
         "slots_per_layer": slots,
+        "static_profile": profile_source if "static" in plans else None,
         "policies": rows,
         "skipped": skipped,
         "written": written,
@@ -134,6 +131,27 @@ def _load_model(model: str | None, reader: TraceReader):
                          source=reader.path, field="spec_name", value=name,
                          accepted="--model with a shipped name, a config.json or a checkpoint folder")
     return load_spec(name)
+
+
+def _profile_trace(args: argparse.Namespace, trace, spec):
+    """Return the trace that chooses the static policy's hot sets, and a description of it.
+
+    A synthetic profiling trace is drawn only when the static policy runs, because
+    drawing one takes about as long as the replayed trace did.
+    """
+    if args.profile_trace is not None:
+        profile = load_trace(args.profile_trace)
+        check_trace_matches_spec(profile.metadata, spec, source=args.profile_trace)
+        return profile, args.profile_trace
+    if args.plan is not None or args.policy not in ("static", "all"):
+        return None, None
+    profile = profiling_trace_for(trace, spec)
+    if profile is not None:
+        seed = profile.metadata.extra["synthetic"]["seed"]
+        return profile, f"synthetic, seed {seed}"
+    logger.warning("the static policy's hot sets come from the replayed trace itself, which no real deployment "
+                   "could know in advance; pass --profile-trace with a trace of other prompts")
+    return trace, "the replayed trace"
 
 
 def _slots(requested: int | None, fitting: int, spec) -> int:
@@ -219,6 +237,8 @@ def _human(output: dict[str, Any], budget, several: bool) -> str:
     lines = [f"{output['trace']}: {output['model']} on {output['hardware']}, GPU memory "
              f"{format_bytes(output['gpu_memory_bytes'])} (non-expert weights {format_bytes(budget.non_expert_bytes)}), "
              f"{output['slots_per_layer']} slots per MoE layer"]
+    if output["static_profile"]:
+        lines.append(f"static hot sets profiled on {output['static_profile']}")
     rows = output["policies"]
     if several:
         table = [[r["policy"], r["tokens_per_s"], _relative(r["relative_to_tide"]), r["mean_forward_s"] * 1e3,

@@ -16,15 +16,16 @@ logger = logging.getLogger(__name__)
 
 def register_synth(trace_subparsers) -> None:
     """Add ``synth`` to the subcommands of ``tide trace``."""
-    defaults = ", ".join(f"{name} {d.tokens_per_forward}/{d.skew}/{d.persistence}"
+    defaults = ", ".join(f"{name} {d.tokens_per_forward}/{d.skew}/{d.persistence}/{d.drift}/{d.context_share}"
                          for name, d in SYNTH_DEFAULTS.items())
     generic = GENERIC_SYNTH_DEFAULTS
     parser = trace_subparsers.add_parser(
         "synth", help="write a synthetic trace for any model spec",
         description="Draw the routing of a generation run from a few statistics and write it as a trace. "
                     "The same arguments always give a byte-identical file. Defaults for tokens per "
-                    f"forward/skew/persistence: {defaults}; other specs "
-                    f"{generic.tokens_per_forward}/{generic.skew}/{generic.persistence}.")
+                    f"forward/skew/persistence/drift/context share: {defaults}; other specs "
+                    f"{generic.tokens_per_forward}/{generic.skew}/{generic.persistence}/{generic.drift}/"
+                    f"{generic.context_share}.")
     parser.add_argument("--model", required=True, metavar="SPEC",
                         help="a shipped spec name (see 'tide spec list'), a config.json or a checkpoint folder")
     parser.add_argument("--gen-tokens", type=int, required=True, metavar="N",
@@ -44,6 +45,12 @@ def register_synth(trace_subparsers) -> None:
                              "(default: per spec)")
     parser.add_argument("--persistence", type=float, default=None, metavar="P",
                         help="probability that a token keeps an expert from one step to the next (default: per spec)")
+    parser.add_argument("--drift", type=float, default=None, metavar="D",
+                        help="how much the context part of expert popularity changes from one block to the next: "
+                             "0 never, 1 a new draw every block (default: per spec)")
+    parser.add_argument("--context-share", type=float, default=None, metavar="C",
+                        help="share of expert popularity that follows the prompt and block rather than the model, "
+                             "0 to 1; the model part is the same for every seed (default: per spec)")
     parser.add_argument("--no-kv-cache", action="store_true",
                         help="feed the whole sequence at every step, with no cache-write passes")
 
@@ -59,7 +66,8 @@ def run_synth(args: argparse.Namespace) -> int:
     trace = synthesize_trace(spec, gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens, seed=args.seed,
                              block_length=args.block_length, steps=args.steps,
                              tokens_per_forward=args.tokens_per_forward, skew=skew,
-                             persistence=args.persistence, kv_cache=not args.no_kv_cache)
+                             persistence=args.persistence, drift=args.drift, context_share=args.context_share,
+                             kv_cache=not args.no_kv_cache)
     save_trace(trace, args.out)
     logger.info("wrote %s in %.2f s", args.out, time.perf_counter() - began)
 
