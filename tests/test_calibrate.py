@@ -136,7 +136,7 @@ def test_quick_calibration_of_embedded_model():
     assert profile.provenance.threads == measured["threads"] == 1
     assert "torch" in profile.provenance.library_versions
     assert any(name.startswith("CPU") for name in profile.provenance.device_names)
-    assert load_spec("tiny").config_hash in profile.provenance.source
+    assert gate_run().spec.config_hash in profile.provenance.source
     assert measured["elapsed_s"] < 60.0
     for name in ("h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s",
                  "d2h_pageable_bytes_per_s"):

@@ -98,9 +98,9 @@ def test_gpu_memory_sets_slots(capsys):
     from tide.memory import plan_memory
 
     # A 3-token prompt and 16 generated tokens: a 32-position KV cache, 16 tokens per pass.
-    expected = plan_memory(load_spec("tiny"), 5 * 2**20, max_context_tokens=32, batch_tokens=16).slots_per_layer
+    expected = plan_memory(load_spec("tiny"), 16 * 2**20, max_context_tokens=32, batch_tokens=16).slots_per_layer
     assert 0 < expected < NUM_EXPERTS
-    record = generate_json(capsys, "--prompt", "abc", "--gpu-memory", "5MiB", *FAST)
+    record = generate_json(capsys, "--prompt", "abc", "--gpu-memory", "16MiB", *FAST)
     assert record["slots"] == expected
 
 
@@ -117,7 +117,7 @@ def test_budget_larger_than_device_rejected(capsys):
 
 
 def test_all_gpu_without_room_rejected(capsys):
-    error = generate_error(capsys, "--prompt", "abc", "--policy", "all-gpu", "--gpu-memory", "6MiB", *FAST)
+    error = generate_error(capsys, "--prompt", "abc", "--policy", "all-gpu", "--gpu-memory", "16MiB", *FAST)
     assert "all-gpu" in error
     assert f"{NUM_EXPERTS} slots" in error
     assert "accepted: at least" in error

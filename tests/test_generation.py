@@ -67,7 +67,9 @@ def test_commits_above_threshold_or_most_confident():
 
 def test_cache_matches_full_forward(runner):
     model = runner.model
-    ids = torch.randint(0, min(EOS, MASK), (1, 24), generator=torch.Generator().manual_seed(1))
+    # Ordinary tokens only: the special ids sit at the start of the trained vocabulary.
+    first_plain = max(EOS, MASK) + 2
+    ids = torch.randint(first_plain, SPEC.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         full = model(ids, attention_mask=block_causal_mask(24, 8, "cpu")).logits[0]
         cache = KVCache(model.config, 24, dtype=model.get_input_embeddings().weight.dtype, device="cpu")

@@ -171,7 +171,7 @@ def test_plan_of_other_model_rejected(tiny):
         simulate(spec, profile, make_plan("cpu-experts", mini), trace)
 
 
-def test_shared_cores_profile_runs_ops_one_at_a_time(tiny):
+def test_shared_cores_profile_serialises(tiny):
     spec, trace, _ = tiny
     profile = load_profile("cpu-host")
     assert profile.shared_cores

@@ -153,7 +153,7 @@ def test_unknown_profile_rejected(capsys, tiny_trace):
     assert "h100-pcie" in err
 
 
-def test_shared_cores_profile_runs_lanes_one_at_a_time(capsys, tiny_trace):
+def test_shared_cores_profile_serialises(capsys, tiny_trace):
     result = run_json(capsys, ["simulate", "--trace", tiny_trace, "--hardware", "cpu-host", "--gpu-memory", "1GiB",
                                "--slots", "6"])
     (row,) = result["policies"]

@@ -61,8 +61,8 @@ def perturb_profile(profile, *, copy_bandwidth: float = 1.0, cpu_speed: float = 
 def write_copy_heavy_model(folder: Path) -> Path:
     """Write a checkpoint whose experts are large next to everything else, so copies matter.
 
-    The `tiny` shape with 64 hidden units, 16 experts of 4096 intermediate units (3 MiB
-    each in float32), top-2 routing and no shared expert. With two slots per layer,
+    Three layers of 64 hidden units, 16 experts of 4096 intermediate units (3 MiB each in
+    float32), top-2 routing and no shared expert, with the byte-level tokenizer. With two slots per layer,
     ``lru-fetch`` copies nearly every routed expert, and copies take about a fifth of a
     pass on a CPU device (measured on a 2-core development machine).
     """
@@ -70,12 +70,17 @@ def write_copy_heavy_model(folder: Path) -> Path:
 
     from executor.model import LLaDA2MoeConfig, LLaDA2MoeForCausalLM
     from executor.tokenizer import ByteTokenizer
-    from tide.spec import SPEC_DIR
 
-    config_json = json.loads((SPEC_DIR / "tiny.json").read_text())
-    config_json.update({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 256, "head_dim": 16,
-                        "moe_intermediate_size": 4096, "num_experts": 16, "num_experts_per_tok": 2, "n_group": 1,
-                        "topk_group": 1, "num_shared_experts": 0})
+    config_json = {
+        "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "torch_dtype": "float32",
+        "vocab_size": 512, "eos_token_id": 256, "mask_token_id": 257, "pad_token_id": 258,
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "hidden_size": 64, "intermediate_size": 256,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+        "num_experts": 16, "num_experts_per_tok": 2, "moe_intermediate_size": 4096, "num_shared_experts": 0,
+        "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.5, "score_function": "sigmoid",
+        "hidden_act": "silu", "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "use_qk_norm": True, "use_qkv_bias": False, "tie_word_embeddings": False,
+    }
     torch.manual_seed(0)
     config = LLaDA2MoeConfig(**config_json)
     model = LLaDA2MoeForCausalLM(config)
