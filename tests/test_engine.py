@@ -26,12 +26,7 @@ EOS, MASK = EMBEDDED.eos_token_id, EMBEDDED.mask_token_id
 PROMPT = list(range(20, 60))  # longer than one block
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ EOS, MASK = SPEC.eos_token_id, SPEC.mask_token_id
 TOKENIZER = load_tokenizer(EMBEDDED_MODEL_DIR)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: one intra-op thread avoids OpenMP threads spinning against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
