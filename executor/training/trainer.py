@@ -3,9 +3,8 @@
 A run lives in one folder: ``settings.json`` (checked on resume), ``corpus.json``, the
 tokenizer, a token cache under ``data/``, ``log.jsonl`` and ``checkpoints/step-NNNNNN/``
 (the model in the checkpoint layout, ``optimizer.pt`` and ``state.json``). Batch ``n`` and
-its mask draws depend only on (seed, n), and a checkpoint holds the weights, router
-biases, optimizer state and step, so a resumed run continues exactly as an uninterrupted
-one would.
+its mask draws depend only on (seed, n). A checkpoint contains the weights, router biases,
+optimizer state and step, so a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ class TrainSettings:
     batch_size: int = 8
     seq_len: int = 512
     block_length: int = 32
-    max_steps: int = 3000
+    max_steps: int = 1232
     warmup_steps: int = 100
     decay_fraction: float = 0.2
     peak_lr: float = 2.5e-3
@@ -88,7 +87,7 @@ def noise_generator(seed: int, step: int) -> torch.Generator:
 
 
 def build_config(shape_path: Path, tokenizer) -> LLaDA2MoeConfig:
-    """The model config: the shape file plus the tokenizer's vocabulary size and special token ids."""
+    """Build the model config from the shape file plus the tokenizer's vocabulary size and special token ids."""
     shape = json.loads(shape_path.read_text(encoding="utf-8"))
     shape.pop("model_type", None)
     shape.update(
