@@ -41,10 +41,20 @@ def make_trace(spec, routings: list[np.ndarray], kinds: list[str] | None = None,
     context = 0
     for i, routing in enumerate(routings):
         kind = kinds[i]
-        block = blocks[i] if blocks else (-1 if kind == "prefill" else 0)
-        step = steps[i] if steps else (-1 if kind == "prefill" else i - 1)
+        prefill = kind == "prefill"
+        if blocks:
+            block = blocks[i]
+        else:
+            block = -1 if prefill else 0
+        if steps:
+            step = steps[i]
+        else:
+            step = -1 if prefill else i - 1
         tokens = routing.shape[0]
-        context = tokens if kind == "prefill" else context + (tokens if kind == "cache_write" else 0)
+        if prefill:
+            context = tokens
+        elif kind == "cache_write":
+            context += tokens
         forwards.append(ForwardInfo(index=i, kind=kind, block=block, step=step, num_tokens=tokens,
                                     context_tokens=max(context, tokens) + (tokens if kind == "denoise" else 0),
                                     committed_tokens=1 if kind == "denoise" else 0))

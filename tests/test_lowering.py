@@ -97,7 +97,8 @@ def test_first_block_rule_refreshes_every_step():
     lowering.lower_forward(PREFILL, ROUTE_PREFILL)
     first_block_step3 = ForwardInfo(index=1, kind="denoise", block=0, step=3, num_tokens=3, context_tokens=6)
     ops = by_id(lowering.lower_forward(first_block_step3, ROUTE_STEP0))
-    assert "L01.copy.e2" in ops and "L01.copy.e3" in ops
+    assert "L01.copy.e2" in ops
+    assert "L01.copy.e3" in ops
 
 
 def test_cache_write_never_refreshes():
