@@ -26,17 +26,49 @@ from tide.ir import OP_LANES, ForwardInfo, Op, Plan, Schedule
 from tide.policies import Placement, PolicyState, get_policy
 
 
+_new_tuple = tuple.__new__
+
+
 def _op(op_id: str, kind: str, deps: tuple[str, ...], layer: int = -1, tokens: int = 0, context: int = 0,
         flops: float = 0.0, bytes: float = 0.0, experts: tuple[tuple[int, int], ...] = (), slot: int = -1,
         evicts: int = -1) -> Op:
-    # Named parameters and a positional call rather than **kwargs, because a replay builds
-    # hundreds of thousands of ops and this takes about a quarter less time per op.
-    return Op(op_id, kind, OP_LANES[kind], deps, layer, tokens, context, flops, bytes, experts, slot, evicts)
+    # tuple.__new__ with the fields in order skips the named tuple's generated __new__,
+    # which matters because a replay builds hundreds of thousands of ops.
+    return _new_tuple(Op, (op_id, kind, OP_LANES[kind], deps, layer, tokens, context, flops, bytes, experts,
+                           slot, evicts))
 
 
 def tokens_per_expert(routing: np.ndarray, num_experts: int) -> np.ndarray:
     """Count the tokens routed to each expert; ``routing`` is [T, K] expert ids."""
     return np.bincount(routing.ravel().astype(np.int64, copy=False), minlength=num_experts)
+
+
+class _LayerIds:
+    """The op ids of one decoder layer, made once per run instead of once per pass."""
+
+    __slots__ = ("prefix", "previous", "attention", "router", "dense_mlp", "shared_expert", "gpu_experts", "act_d2h",
+                 "cpu_experts", "act_h2d", "combine", "copy", "run")
+
+    def __init__(self, layer: int, previous: str) -> None:
+        self.prefix = prefix = f"L{layer:02d}."
+        self.previous = previous
+        for name in ("attention", "router", "dense_mlp", "shared_expert", "gpu_experts", "act_d2h", "cpu_experts",
+                     "act_h2d", "combine"):
+            setattr(self, name, prefix + name)
+        self.copy: dict[int, str] = {}  # expert -> id of its copy
+        self.run: dict[int, str] = {}  # expert -> id of its gpu_expert op
+
+    def copy_id(self, expert: int) -> str:
+        op_id = self.copy.get(expert)
+        if op_id is None:
+            op_id = self.copy[expert] = f"{self.prefix}copy.e{expert}"
+        return op_id
+
+    def run_id(self, expert: int) -> str:
+        op_id = self.run.get(expert)
+        if op_id is None:
+            op_id = self.run[expert] = f"{self.prefix}gpu_expert.e{expert}"
+        return op_id
 
 
 class Lowering:
@@ -58,6 +90,22 @@ class Lowering:
         self._attention_weight_bytes = float(spec.attention_params * spec_bytes)
         self._kv_bytes_per_context = float(2 * spec.num_key_value_heads * spec.head_dim * spec_bytes)
         self._activation_bytes = float(spec.hidden_size * spec_bytes)
+        self._router_flops = spec.router_flops_per_token
+        self._router_bytes = spec.router_params * self.dtype_bytes
+        self._shared = bool(spec.num_shared_experts)
+        self._shared_flops = spec.shared_expert_flops_per_token
+        self._shared_bytes = spec.shared_expert_params * self.dtype_bytes
+        self._hidden_size = spec.hidden_size
+        self._top_k = spec.top_k
+        self._ids = []
+        for layer in range(spec.num_layers):
+            if layer == 0:
+                previous = "embed"
+            else:
+                before = f"L{layer - 1:02d}."
+                previous = before + ("combine" if layer - 1 in self._moe_index else "dense_mlp")
+            self._ids.append(_LayerIds(layer, previous))
+        self._attention_sizes: tuple[int, int, float, float] | None = None  # (tokens, context, flops, bytes)
 
     # --- pieces -------------------------------------------------------------------
 
@@ -67,22 +115,28 @@ class Lowering:
 
     def previous_op(self, layer: int) -> str:
         """Return the id of the op that ends the layer before ``layer`` (``embed`` for layer 0)."""
-        if layer == 0:
-            return "embed"
-        before = layer - 1
-        return f"L{before:02d}.combine" if before in self._moe_index else f"L{before:02d}.dense_mlp"
+        if layer == self.spec.num_layers:
+            before = layer - 1
+            return f"L{before:02d}.combine" if before in self._moe_index else f"L{before:02d}.dense_mlp"
+        return self._ids[layer].previous
 
     def lower_attention(self, forward: ForwardInfo, layer: int) -> Op:
         tokens, context = forward.num_tokens, forward.context_tokens
-        return _op(f"L{layer:02d}.attention", "attention", (self.previous_op(layer),), layer, tokens=tokens,
-                   context=context, flops=tokens * self.spec.attention_flops_per_token(context),
-                   bytes=self._attention_weight_bytes + context * self._kv_bytes_per_context
-                   + 2 * tokens * self._activation_bytes)
+        sizes = self._attention_sizes
+        if sizes is None or sizes[0] != tokens or sizes[1] != context:
+            # The same for every layer of a pass, so worked out once per pass.
+            sizes = self._attention_sizes = (
+                tokens, context, tokens * self.spec.attention_flops_per_token(context),
+                self._attention_weight_bytes + context * self._kv_bytes_per_context
+                + 2 * tokens * self._activation_bytes)
+        ids = self._ids[layer]
+        return _new_tuple(Op, (ids.attention, "attention", "gpu", (ids.previous,), layer, tokens, context,
+                               sizes[2], sizes[3], (), -1, -1))
 
     def lower_dense_layer(self, forward: ForwardInfo, layer: int) -> list[Op]:
         tokens = forward.num_tokens
         attention = self.lower_attention(forward, layer)
-        mlp = _op(f"L{layer:02d}.dense_mlp", "dense_mlp", (attention.id,), layer, tokens=tokens,
+        mlp = _op(self._ids[layer].dense_mlp, "dense_mlp", (attention.id,), layer, tokens=tokens,
                   flops=tokens * self.spec.dense_mlp_flops_per_token,
                   bytes=self.spec.dense_mlp_params * self.dtype_bytes + 2 * tokens * self._activation_bytes)
         return [attention, mlp]
@@ -107,99 +161,110 @@ class Lowering:
         min(tokens, CPU assignments), an upper bound on the distinct tokens the executor
         copies. The planner prices from token counts alone, so it relies on that bound.
         """
-        prefix = f"L{layer:02d}."
+        # Ops are built as tuples in Op's field order (id, kind, lane, deps, layer, tokens,
+        # context, flops, bytes, experts, slot, evicts), because this runs for every MoE layer of every pass.
+        ids = self._ids[layer]
         num_tokens = forward.num_tokens
         activation = self._activation_bytes
+        expert_bytes = self._expert_bytes
+        expert_flops = self._expert_flops
         overlap = self.plan.overlap
-        ops: list[Op] = []
+        new = _new_tuple
 
         attention = self.lower_attention(forward, layer)
-        router = _op(prefix + "router", "router", (attention.id,), layer, tokens=num_tokens,
-                     flops=num_tokens * self.spec.router_flops_per_token,
-                     bytes=self.spec.router_params * self.dtype_bytes + num_tokens * activation)
-        ops += [attention, router]
-        gpu_tail = router.id  # last GPU expert op so far, for the sequential (no overlap) variants
+        router_id = ids.router
+        ops: list[Op] = [attention, new(Op, (
+            router_id, "router", "gpu", (attention[0],), layer, num_tokens, 0, num_tokens * self._router_flops,
+            self._router_bytes + num_tokens * activation, (), -1, -1))]
+        gpu_tail = router_id  # last GPU expert op so far, for the sequential (no overlap) variants
 
         # The CPU path first, so that CPU work starts while the GPU works.
         cpu_ops: list[Op] = []
         if placement.cpu:
-            cpu_assignments = sum(n for _, n in placement.cpu)
+            cpu_assignments = 0
+            for _, count in placement.cpu:
+                cpu_assignments += count
             # Every token with a CPU assignment crosses once; outputs come back per assignment.
             rows = cpu_rows if cpu_rows is not None else min(num_tokens, cpu_assignments)
-            d2h = _op(prefix + "act_d2h", "act_d2h", (router.id,), layer, tokens=rows, bytes=rows * activation)
-            cpu = _op(prefix + "cpu_experts", "cpu_experts", (d2h.id,), layer, tokens=cpu_assignments,
-                      flops=cpu_assignments * self._expert_flops,
-                      bytes=len(placement.cpu) * self._expert_bytes + 2 * cpu_assignments * activation,
-                      experts=tuple(placement.cpu))
+            d2h = new(Op, (ids.act_d2h, "act_d2h", "d2h", (router_id,), layer, rows, 0, 0.0, rows * activation,
+                           (), -1, -1))
+            cpu = new(Op, (ids.cpu_experts, "cpu_experts", "cpu", (ids.act_d2h,), layer, cpu_assignments, 0,
+                           cpu_assignments * expert_flops,
+                           len(placement.cpu) * expert_bytes + 2 * cpu_assignments * activation,
+                           tuple(placement.cpu), -1, -1))
             cpu_ops = [d2h, cpu]
             if overlap.cpu_with_gpu:
                 ops += cpu_ops
 
-        shared = None
-        if self.spec.num_shared_experts:
-            shared = _op(prefix + "shared_expert", "shared_expert", (router.id,), layer, tokens=num_tokens,
-                         flops=num_tokens * self.spec.shared_expert_flops_per_token,
-                         bytes=self.spec.shared_expert_params * self.dtype_bytes + 2 * num_tokens * activation)
-            ops.append(shared)
-            gpu_tail = shared.id
+        shared_id = None
+        if self._shared:
+            shared_id = ids.shared_expert
+            ops.append(new(Op, (shared_id, "shared_expert", "gpu", (router_id,), layer, num_tokens, 0,
+                                num_tokens * self._shared_flops,
+                                self._shared_bytes + 2 * num_tokens * activation, (), -1, -1)))
+            gpu_tail = shared_id
 
         # Copies must finish before the copied expert runs; a copy into a slot whose expert
         # was used in this pass waits for that reader.
+        copies_with_compute = overlap.copies_with_compute
         reader_of: dict[int, str] = {}
         if placement.hits:
-            assignments = sum(n for _, n in placement.hits)
-            deps = (router.id,) if overlap.copies_with_compute else (gpu_tail,)
-            hits = _op(prefix + "gpu_experts", "gpu_experts", deps, layer, tokens=assignments,
-                       flops=assignments * self._expert_flops,
-                       bytes=len(placement.hits) * self._expert_bytes + 2 * assignments * activation,
-                       experts=tuple(placement.hits))
-            ops.append(hits)
-            gpu_tail = hits.id
-            for expert, _ in placement.hits:
-                reader_of[expert] = hits.id
+            hits_id = ids.gpu_experts
+            assignments = 0
+            for expert, count in placement.hits:
+                assignments += count
+                reader_of[expert] = hits_id
+            ops.append(new(Op, (hits_id, "gpu_experts", "gpu", (router_id,) if copies_with_compute else (gpu_tail,),
+                                layer, assignments, 0, assignments * expert_flops,
+                                len(placement.hits) * expert_bytes + 2 * assignments * activation,
+                                tuple(placement.hits), -1, -1)))
+            gpu_tail = hits_id
 
-        fetched_tokens = dict(placement.fetched)
         copy_ids = []
-        for expert, slot, evicted in placement.copies:
-            deps = [router.id]
-            if evicted in reader_of:
-                deps.append(reader_of[evicted])
-            if not overlap.copies_with_compute and gpu_tail not in deps:
-                deps.append(gpu_tail)
-            copy = _op(f"{prefix}copy.e{expert}", "expert_copy", tuple(deps), layer, bytes=self._expert_bytes,
-                       slot=slot, evicts=evicted, experts=((expert, fetched_tokens.get(expert, 0)),))
-            ops.append(copy)
-            copy_ids.append(copy.id)
-            if expert in fetched_tokens:
-                count = fetched_tokens[expert]
-                run_deps = (copy.id,) if overlap.copies_with_compute else (copy.id, gpu_tail)
-                run = _op(f"{prefix}gpu_expert.e{expert}", "gpu_expert", tuple(dict.fromkeys(run_deps)), layer,
-                          tokens=count, flops=count * self._expert_flops,
-                          bytes=self._expert_bytes + 2 * count * activation, experts=((expert, count),))
-                ops.append(run)
-                reader_of[expert] = run.id
-                gpu_tail = run.id
+        if placement.copies:
+            fetched_tokens = dict(placement.fetched)
+            copy_id, run_id = ids.copy_id, ids.run_id
+            for expert, slot, evicted in placement.copies:
+                deps = (router_id,)
+                reader = reader_of.get(evicted)
+                if reader is not None:
+                    deps = (router_id, reader)
+                if not copies_with_compute and gpu_tail not in deps:
+                    deps += (gpu_tail,)
+                count = fetched_tokens.get(expert)
+                copy = copy_id(expert)
+                ops.append(new(Op, (copy, "expert_copy", "h2d", deps, layer, 0, 0, 0.0, expert_bytes,
+                                    ((expert, count or 0),), slot, evicted)))
+                copy_ids.append(copy)
+                if count is not None:
+                    run = run_id(expert)
+                    ops.append(new(Op, (run, "gpu_expert", "gpu",
+                                        (copy,) if copies_with_compute or gpu_tail == copy else (copy, gpu_tail),
+                                        layer, count, 0, count * expert_flops, expert_bytes + 2 * count * activation,
+                                        ((expert, count),), -1, -1)))
+                    reader_of[expert] = run
+                    gpu_tail = run
 
-        combine_deps = [shared.id] if shared is not None else [router.id]
+        combine_deps = [shared_id if shared_id is not None else router_id]
         if placement.hits:
-            combine_deps.append(prefix + "gpu_experts")
+            combine_deps.append(ids.gpu_experts)
         combine_deps += [reader_of[e] for e, _ in placement.fetched if e in reader_of]
         if cpu_ops:
             if not overlap.cpu_with_gpu:
                 # The sequential reference: CPU work waits for all GPU expert work and copies.
                 d2h, cpu = cpu_ops
-                d2h = _op(d2h.id, d2h.kind, tuple(dict.fromkeys((router.id, gpu_tail, *copy_ids))), layer,
+                d2h = _op(d2h.id, d2h.kind, tuple(dict.fromkeys((router_id, gpu_tail, *copy_ids))), layer,
                           tokens=d2h.tokens, bytes=d2h.bytes)
                 ops += [d2h, cpu]
             cpu = cpu_ops[1]
-            h2d = _op(prefix + "act_h2d", "act_h2d", (cpu.id,), layer, tokens=cpu.tokens,
-                      bytes=cpu.tokens * activation)
-            ops.append(h2d)
-            combine_deps.append(h2d.id)
-        assignments = num_tokens * self.spec.top_k
-        ops.append(_op(prefix + "combine", "combine", tuple(dict.fromkeys(combine_deps)), layer,
-                       tokens=num_tokens, flops=2.0 * assignments * self.spec.hidden_size,
-                       bytes=(assignments + 2 * num_tokens) * activation))
+            ops.append(new(Op, (ids.act_h2d, "act_h2d", "h2d", (cpu[0],), layer, cpu.tokens, 0, 0.0,
+                                cpu.tokens * activation, (), -1, -1)))
+            combine_deps.append(ids.act_h2d)
+        assignments = num_tokens * self._top_k
+        ops.append(new(Op, (ids.combine, "combine", "gpu",
+                            tuple(dict.fromkeys(combine_deps)) if len(combine_deps) > 1 else tuple(combine_deps),
+                            layer, num_tokens, 0, 2.0 * assignments * self._hidden_size,
+                            (assignments + 2 * num_tokens) * activation, (), -1, -1)))
         return ops
 
     def lower_epilogue(self, forward: ForwardInfo) -> list[Op]:
