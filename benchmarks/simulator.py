@@ -23,18 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-import simpy
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sim import simulate  # noqa: E402
-from sim.engine import Engine, Program, compile_schedules  # noqa: E402
+from sim.engine import Engine, compile_schedules  # noqa: E402
 from sim.replay import _cached_durations  # noqa: E402
 from sim.result import build_result  # noqa: E402
+from sim.textbook import textbook_times  # noqa: E402
 from tide.costs import CostModel  # noqa: E402
 from tide.hardware import load_profile  # noqa: E402
-from tide.ir import LANES  # noqa: E402
 from tide.lowering import Lowering  # noqa: E402
 from tide.memory import plan_memory  # noqa: E402
 from tide.policies import make_plan  # noqa: E402
@@ -44,42 +42,6 @@ from tide.units import parse_size  # noqa: E402
 
 TARGET_WALL_S = 2.0
 TARGET_RATIO = 100.0
-
-
-def textbook_times(program: Program) -> tuple[list[int], list[int]]:
-    """Run a Program the textbook SimPy way and return each op's start and end in ns."""
-    env = simpy.Environment()
-    lanes = [simpy.Resource(env, capacity=1) for _ in LANES]
-    done = [env.event() for _ in program.ops]
-    start = [0] * len(program.ops)
-    end = [0] * len(program.ops)
-
-    def run_op(i: int, waits: list):
-        if waits:
-            yield env.all_of(waits)
-        with lanes[program.lane[i]].request() as request:
-            yield request
-            start[i] = env.now
-            yield env.timeout(program.duration_ns[i])
-            end[i] = env.now
-        done[i].succeed()
-
-    def driver():
-        for p in range(len(program.forwards)):
-            numbers = range(program.pass_start[p], program.pass_start[p + 1])
-            previous_on_lane: dict[int, int] = {}
-            for i in numbers:
-                waits = [done[d] for d in program.deps[i]]
-                before = previous_on_lane.get(program.lane[i])
-                if before is not None:
-                    waits.append(done[before])
-                previous_on_lane[program.lane[i]] = i
-                env.process(run_op(i, waits))
-            yield env.all_of([done[i] for i in numbers])
-
-    env.process(driver())
-    env.run()
-    return start, end
 
 
 def main() -> int:

@@ -18,9 +18,17 @@ Model:
 
 A lane is a process rather than a ``simpy.Resource``, because its queue order is fixed by
 the schedule. A resource's request and release would add two events per op and change no
-time. ``benchmarks/simulator.py`` compares this engine with that textbook model (a process
-per op, a resource per lane) on the same schedules and checks that every op gets the same
-times.
+time.
+
+A lane does not yield a SimPy event for every op. Once an op's dependencies have known
+end times, its start (the later of the lane's clock and those ends) and its end are
+known too, so the lane times it and goes on to its next op. The lane yields to SimPy
+only when the next op depends on an op that another lane has not timed yet. It then
+lets SimPy time catch up with its own clock and waits for the event that the other lane
+fires when it times that op. Every op gets the time it would get with an event per op,
+because nothing else decides a start. ``sim.textbook`` holds the model with an event per
+op (a process per op, a ``simpy.Resource`` per lane); ``tests/test_sim_textbook.py`` and
+``benchmarks/simulator.py`` check that it gives every op the same times.
 """
 
 from __future__ import annotations
@@ -175,18 +183,17 @@ class SlotTracker:
         raise ValueError(f"op {op.id!r} reads expert {missing} of layer {op.layer}, which is in no slot")
 
 
-_EMPTY: frozenset[int] = frozenset()
 _first = itemgetter(0)
 
 # Roles of op kinds in compile_schedules: a copy into a slot, a read of resident experts
 # (hits), a read of experts copied in this pass (misses) and CPU expert work (misses).
 _OTHER, _COPY, _HIT_READ, _FETCHED_READ, _CPU_WORK = range(5)
+# kind -> (lane number, role, lane name)
 _KIND_ROLES = {
     kind: (LANE_INDEX[lane], {"expert_copy": _COPY, "gpu_experts": _HIT_READ, "gpu_expert": _FETCHED_READ,
-                              "cpu_experts": _CPU_WORK}.get(kind, _OTHER))
+                              "cpu_experts": _CPU_WORK}.get(kind, _OTHER), lane)
     for kind, lane in OP_LANES.items()
 }
-_UNKNOWN_KIND = (-1, _OTHER)
 _H2D, _D2H = LANE_INDEX["h2d"], LANE_INDEX["d2h"]
 _NO_DEPS: tuple[int, ...] = ()
 
@@ -208,10 +215,11 @@ def compile_schedules(schedules: Iterable[Schedule], durations: DurationModel, *
     tracker = SlotTracker(initial_slots)
     program = Program(forwards=[], ops=[], lane=[], duration_ns=[], deps=[], slot_deps=[], pass_start=[],
                       lane_ops=[])
-    # Bound methods, because this loop runs once per op of the whole run.
+    # Local names and bound methods, because this loop runs once per op of the whole run.
     add_op, add_lane, add_duration = program.ops.append, program.lane.append, program.duration_ns.append
     add_deps, add_slot_deps = program.deps.append, program.slot_deps.append
     kind_roles = _KIND_ROLES
+    copy, read = tracker.copy, tracker.read
     hits = misses = copies = 0
     h2d_bytes = d2h_bytes = 0.0
     number = 0
@@ -221,48 +229,56 @@ def compile_schedules(schedules: Iterable[Schedule], durations: DurationModel, *
         program.forwards.append(schedule.forward)
         program.pass_start.append(first)
         lane_ops: list[list[int]] = [[] for _ in LANES]
+        add_to_lane = [numbers.append for numbers in lane_ops]
         number_of: dict[str, int] = {}
         for op in schedule.ops:
-            lane, role = kind_roles.get(op.kind, _UNKNOWN_KIND)
-            if lane < 0 or LANES[lane] != op.lane:
-                raise ValueError(f"forward {schedule.forward.index}, op {op.id!r}: kind {op.kind!r} runs on lane "
-                                 f"{OP_LANES.get(op.kind)!r}, not {op.lane!r}")
-            if op.id in number_of:
-                raise ValueError(f"forward {schedule.forward.index}: duplicate op id {op.id!r}")
+            op_id, kind, _, op_deps = op[:4]
+            roles = kind_roles.get(kind)
+            if roles is None or roles[2] != op[2]:
+                raise ValueError(f"forward {schedule.forward.index}, op {op_id!r}: kind {kind!r} runs on lane "
+                                 f"{OP_LANES.get(kind)!r}, not {op[2]!r}")
+            lane, role, _ = roles
+            if op_id in number_of:
+                raise ValueError(f"forward {schedule.forward.index}: duplicate op id {op_id!r}")
             try:
-                deps = tuple(map(number_of.__getitem__, op.deps))
+                if len(op_deps) == 1:
+                    deps = (number_of[op_deps[0]],)
+                else:
+                    deps = tuple(map(number_of.__getitem__, op_deps))
             except KeyError as error:
-                raise ValueError(f"forward {schedule.forward.index}, op {op.id!r} depends on {error.args[0]!r}, "
+                raise ValueError(f"forward {schedule.forward.index}, op {op_id!r} depends on {error.args[0]!r}, "
                                  "which is not an earlier op of its schedule") from None
 
             slot_deps = _NO_DEPS
-            if role != _OTHER:
+            if role:
                 if role == _COPY:
-                    slot_deps = tracker.copy(op, number)
+                    slot_deps = copy(op, number)
                     copies += 1
                 elif role == _HIT_READ:
-                    slot_deps = tracker.read(op, number)
+                    slot_deps = read(op, number)
                     hits += op.tokens
                 elif role == _FETCHED_READ:
-                    slot_deps = tracker.read(op, number)
+                    slot_deps = read(op, number)
                     misses += op.tokens
                 else:
                     misses += op.tokens
                 for d in slot_deps:
                     if d >= first and d not in deps:
                         deps += (d,)
-            if lane == _H2D:
+                if lane == _H2D:
+                    h2d_bytes += op.bytes
+            elif lane == _H2D:
                 h2d_bytes += op.bytes
             elif lane == _D2H:
                 d2h_bytes += op.bytes
 
-            number_of[op.id] = number
+            number_of[op_id] = number
             add_op(op)
             add_lane(lane)
             add_duration(duration_function(op))
             add_deps(deps)
             add_slot_deps(slot_deps)
-            lane_ops[lane].append(number)
+            add_to_lane[lane](number)
             number += 1
         program.lane_ops.append(lane_ops)
     program.pass_start.append(number)
@@ -333,34 +349,49 @@ class Engine:
                          self.shared_cores)
 
     def _lane(self, lane: int):
-        """Run one lane's ops pass by pass, then meet the other lanes at the pass's end."""
+        """Run one lane's ops pass by pass, then meet the other lanes at the pass's end.
+
+        ``clock`` is when the lane is next free. An op starts at the latest of ``clock``
+        and its dependencies' ends, and its end is known from then on. Only a dependency
+        whose end is not yet known makes the lane wait: it first lets SimPy time reach its
+        clock, then waits for the event that the dependency's lane fires once it has
+        timed that op.
+        """
         env = self.env
         program = self.program
         deps, duration = program.deps, program.duration_ns
         start, end = self.start_ns, self.end_ns
         waiters = self._waiters
-        timeout = env.timeout
+        timeout, new_event = env.timeout, env.event
         num_lanes = len(LANES)
         for forward_number, lane_ops in enumerate(self._lane_ops):
-            now = env.now
+            clock = env.now
             for i in lane_ops[lane]:
+                begin = clock
                 for d in deps[i]:
-                    if end[d] < 0:
-                        event = waiters.get(d)
-                        if event is None:
-                            event = waiters[d] = env.event()
-                        yield event
-                        now = env.now
-                # ``now`` is env.now, tracked here because reading the property per op costs time.
-                start[i] = now
-                now += duration[i]
-                yield timeout(duration[i])
-                end[i] = now
+                    ready = end[d]
+                    if ready < 0:
+                        # The other lane has not timed this op yet. Bring SimPy time up to
+                        # this lane's clock first, so that a waiting lane is never behind it.
+                        if clock > env.now:
+                            yield timeout(clock - env.now)
+                        if end[d] < 0:
+                            event = waiters.get(d)
+                            if event is None:
+                                event = waiters[d] = new_event()
+                            yield event
+                        ready = end[d]
+                    if ready > begin:
+                        begin = ready
+                start[i] = begin
+                clock = end[i] = begin + duration[i]
                 event = waiters.pop(i, None)
                 if event is not None:
                     event.succeed()
 
             # Every lane waits here until the last lane has finished its ops of this pass.
+            if clock > env.now:
+                yield timeout(clock - env.now)
             self._arrived[forward_number] += 1
             barrier = self._barriers[forward_number]
             if self._arrived[forward_number] == num_lanes:
