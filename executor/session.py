@@ -323,7 +323,8 @@ def run_generation(options: RunOptions, prompts: Sequence[Prompt], config: Block
         summary["kv_cache"] = config.kv_cache
         trace = build_trace(engine, spec, config, [p.id for p in prompts],
                             extra={"policy": plan.policy, "device": str(device), "seed": options.seed,
-                                   "pinned": engine.pinned})
+                                   "pinned": engine.pinned,
+                                   "output_tokens": [len(o.token_ids) for o in outputs]})
         timeline = build_timeline(engine, {"policy": plan.policy, "device": str(device), "model": spec.name,
                                            "pinned": engine.pinned}) if timeline_out else None
     if trace_out is not None:

@@ -68,7 +68,8 @@ def simulate(spec, profile, plan: Plan, trace: Trace, *, record_timeline: bool =
             "intervals": sorted(set(plan.intervals)),
             "trace_source": trace.metadata.source,
         }
-        result = build_result(run, record_timeline=record_timeline, metadata=metadata)
+        result = build_result(run, record_timeline=record_timeline, metadata=metadata,
+                              tokens=trace.output_tokens())
         summarised_s = time.perf_counter() - began - lowered_s - simulated_s
         num_forwards, num_ops = len(program.forwards), len(program.ops)
         # Free the ops while the collector is off, or its first pass after it is back on

@@ -21,7 +21,7 @@ class SimResult:
 
     total_s: float
     total_ns: int
-    tokens: int  # generated tokens: committed tokens summed over all passes
+    tokens: int  # returned tokens (see tide.trace.Trace.output_tokens), else committed tokens of all passes
     tokens_per_s: float
     num_forwards: int
     num_ops: int
@@ -80,8 +80,13 @@ class SimResult:
         return data
 
 
-def build_result(run: EngineRun, *, record_timeline: bool, metadata: Mapping[str, Any] | None = None) -> SimResult:
-    """Summarise an engine run: counts from the compiled schedules, times from the run."""
+def build_result(run: EngineRun, *, record_timeline: bool, metadata: Mapping[str, Any] | None = None,
+                 tokens: int | None = None) -> SimResult:
+    """Summarise an engine run: counts from the compiled schedules, times from the run.
+
+    ``tokens`` is the count that tokens per second divides; None counts the committed
+    tokens of all passes.
+    """
     program = run.program
     forwards = program.forwards
     total_ns = run.total_ns
@@ -110,7 +115,8 @@ def build_result(run: EngineRun, *, record_timeline: bool, metadata: Mapping[str
         breakdown.append({kind: ns / NS_PER_S for kind, ns in by_kind.items()})
     critical_lane = LANES[max(range(len(LANES)), key=lambda lane: (path_ns[lane], -lane))] if total_ns else ""
 
-    tokens = sum(f.committed_tokens for f in forwards)
+    if tokens is None:
+        tokens = sum(f.committed_tokens for f in forwards)
     assignments = program.hits + program.misses
     timeline = _timeline(run, metadata) if record_timeline else None
     return SimResult(

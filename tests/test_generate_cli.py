@@ -72,6 +72,22 @@ def test_records_written(capsys, tmp_path):
     assert json.loads(timeline_path.read_text())["traceEvents"]
 
 
+def test_replay_counts_returned_tokens(capsys, tmp_path):
+    # A short prompt and block 16: the last block is decoded whole, past the 16 tokens returned.
+    trace_path = tmp_path / "run.trace"
+    record = generate_json(capsys, "--prompt", "abc", "--slots", "4", *FAST, "--trace-out", str(trace_path))
+    trace = load_trace(trace_path)
+    assert record["committed_tokens"] > record["tokens"]
+    assert trace.metadata.extra["output_tokens"] == [record["tokens"]]
+    assert trace.output_tokens() == record["tokens"]
+
+    code = main(["simulate", "--trace", str(trace_path), "--hardware", "h100-pcie", "--gpu-memory", "1GiB",
+                 "--model", "tiny", "--policy", "tide", "--json"])
+    assert code == 0
+    simulated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policies"][0]
+    assert simulated["tokens"] == record["tokens"]
+
+
 def test_prompts_file(capsys, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"task_id": "A/1", "prompt": "def add(a, b):"}) + "\n" + json.dumps("x = 1") + "\n")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,16 @@ def test_interval_hit_rate_by_hand():
     # One slot: each pass has experts 0 and 1 with 2 tokens each; the refresh keeps the
     # resident one (ties broken by id, so expert 0), which then hits 2 of 4 assignments.
     assert interval_hit_rate(trace, 1, 1) == pytest.approx(12 / 32)
+
+
+def test_output_tokens_cap_committed():
+    spec = small_spec()
+    routing = np.zeros((2, spec.num_moe_layers, spec.top_k), dtype=np.int16)
+    routing[:, :, 1] = 1
+    trace = make_trace(spec, [routing] * 4)  # a prefill, then three passes that commit one token each
+    assert sum(f.committed_tokens for f in trace.forwards) == 3
+    capped = dataclasses.replace(trace.metadata, generation=dataclasses.replace(trace.metadata.generation,
+                                                                                gen_tokens=2))
+    assert dataclasses.replace(trace, metadata=capped).output_tokens() == 2
+    recorded = dataclasses.replace(trace.metadata, extra={"output_tokens": [1]})
+    assert dataclasses.replace(trace, metadata=recorded).output_tokens() == 1

@@ -130,6 +130,23 @@ class Trace:
         for i, forward in enumerate(self.forwards):
             yield forward, self.routing(i)
 
+    def output_tokens(self) -> int:
+        """Return the tokens the run returned, the count that tokens per second divides.
+
+        A pass can commit more tokens than a sequence returns: the last block is decoded
+        whole and the output is cut to ``gen_tokens`` and before end of text. The executor
+        records each sequence's returned count under ``metadata.extra["output_tokens"]``.
+        For a trace without it, each sequence counts min(committed tokens, ``gen_tokens``).
+        """
+        recorded = self.metadata.extra.get("output_tokens")
+        if isinstance(recorded, list) and all(isinstance(n, int) and n >= 0 for n in recorded):
+            return sum(recorded)
+        committed: dict[int, int] = {}
+        for forward in self.forwards:
+            committed[forward.sequence] = committed.get(forward.sequence, 0) + forward.committed_tokens
+        limit = self.metadata.generation.gen_tokens
+        return sum(min(count, limit) if limit > 0 else count for count in committed.values())
+
     def equals(self, other: "Trace") -> bool:
         same_weights = (self.weights is None and other.weights is None) or (
             self.weights is not None and other.weights is not None and np.array_equal(self.weights, other.weights))

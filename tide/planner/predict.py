@@ -153,6 +153,8 @@ def predict(spec, plan: Plan, trace: Trace, *, profile=None, pricing: Pricing | 
     if tokens == 0:
         raise InputError("the trace commits no tokens, so it has no throughput", field="trace",
                          value=trace.num_forwards, accepted="a trace with denoising passes that commit tokens")
+    # Tokens per second divides the returned tokens, as the simulator and the executor do.
+    tokens = trace.output_tokens() or tokens
     return Prediction(total_s=total, tokens=tokens, forward_times_s=forward_times, lane_busy_s=lane_busy,
                       busy_by_kind_s=by_kind, hits=int(hits), misses=int(misses), expert_copies=copies,
                       h2d_bytes=h2d_bytes, d2h_bytes=d2h_bytes, copy_cpu_s=copy_cpu)
