@@ -1,6 +1,6 @@
 """Lanes: where the offload engine runs each op, and how it waits for the op's dependencies.
 
-Two implementations share one interface:
+Three implementations share one interface:
 
 * ``CudaLanes``: ``gpu`` ops on the current CUDA stream, ``h2d`` and ``d2h`` ops on a
   stream each, ``cpu`` ops on a worker thread. A stream op waits for a stream op with
@@ -12,15 +12,16 @@ Two implementations share one interface:
   that compute (``gpu`` and ``cpu``) would share the same cores, and each would slow the
   other by an amount that depends on what runs beside it, which no lane model can
   predict. Spans tile each pass, in the thread's CPU time when it does all the work (see
-  the class).
+  the class). Without ``op_spans`` it times runs of ops on the same lane, not each op.
 * ``ThreadLanes``: the accelerator is the CPU device. ``gpu`` ops run on the calling
   thread, and ``h2d``, ``d2h`` and ``cpu`` ops on one worker thread per lane, each waiting
   for the futures of its dependencies. Spans come from ``time.perf_counter`` around the op,
   which is synchronous on the CPU.
 
-Like a CUDA stream, every lane runs its ops in the order they are issued. A schedule lists
-every op after the ops it depends on (``tide.ir.Schedule.validate`` checks this), so
-issuing a schedule in order cannot deadlock.
+An op's work is a callable and its arguments, ``run(op, work, *args)``, so that issuing an
+op on the calling thread builds no closure. Like a CUDA stream, every lane runs its ops in
+the order they are issued. A schedule lists every op after the ops it depends on
+(``tide.ir.Schedule.validate`` checks this), so issuing a schedule in order cannot deadlock.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ def worker_pool(num_workers: int, name: str, intra_op_threads: int | None = None
                               initializer=torch.set_num_threads, initargs=(max(1, threads),))
 
 
-def _inference(work: Callable[[], None]) -> None:
+def _inference(work: Callable[..., None], *args) -> None:
     # inference_mode is thread-local, and worker threads update tensors made in it.
     with torch.inference_mode():
-        work()
+        work(*args)
 
 
 class SerialLanes:
@@ -72,34 +73,69 @@ class SerialLanes:
     measured on a busy machine close to one measured on an idle one. Only pass
     ``cpu_clock`` when this thread does all the work (one intra-op thread, no expert
     thread pool), because other threads' CPU time is not counted.
+
+    With ``op_spans`` False, for a caller that keeps no per-op spans, the clock is read only
+    where the lane changes from one op to the next, and at ``finish_forward``. Each record
+    then covers a run of consecutive ops on one lane, under the run's first op: per-lane
+    busy time stays the same, but the records are not op spans. This matters because
+    ``time.thread_time`` is a system call (about 0.4 us on the development machine), and
+    with op spans it is read twice per op.
     """
 
-    def __init__(self, *, cpu_clock: bool = False) -> None:
+    def __init__(self, *, cpu_clock: bool = False, op_spans: bool = True) -> None:
         self.cpu_clock = cpu_clock
+        self.op_spans = op_spans
         self._clock = time.thread_time if cpu_clock else time.perf_counter
         self._done: set[str] = set()
-        self._records: list[tuple[Op, float, float]] = []
+        self._records: list[tuple] = []  # (op, start, end) per op, or (op, start) per lane run
+        self._lane = ""  # lane of the current run, without op_spans
         self._begin_wall_s = 0.0
         self._begin_clock_s = 0.0
+        # run(op, work, *args): chosen once here rather than tested on every op.
+        self.run = self._run_op if op_spans else self._run_in_lane_run
 
     def begin_forward(self) -> None:
         self._done = set()
         self._records = []
+        self._lane = ""
         self._begin_wall_s = time.perf_counter()
         self._begin_clock_s = self._clock()
 
-    def run(self, op: Op, work: Callable[[], None]) -> None:
+    def _run_op(self, op: Op, work: Callable[..., None], *args) -> None:
+        done = self._done
         for dep in op.deps:
-            if dep not in self._done:
+            if dep not in done:
                 raise RuntimeError(f"{op.id} was issued before its dependency {dep}")
         clock = self._clock
         start = clock()
-        work()
+        work(*args)
         self._records.append((op, start, clock()))
-        self._done.add(op.id)
+        done.add(op.id)
+
+    def _run_in_lane_run(self, op: Op, work: Callable[..., None], *args) -> None:
+        done = self._done
+        for dep in op.deps:
+            if dep not in done:
+                raise RuntimeError(f"{op.id} was issued before its dependency {dep}")
+        done.add(op.id)
+        if op.lane != self._lane:
+            self._lane = op.lane
+            self._records.append((op, self._clock()))
+        work(*args)
 
     def finish_forward(self) -> list[tuple[Op, float, float]]:
-        """Return (op, start, end) in perf_counter seconds, each end moved to the next op's start."""
+        """Return (op, start, end) in perf_counter seconds, each end moved to the next record's start.
+
+        Without ``op_spans``, one record per run of ops on the same lane (see the class).
+        """
+        if not self.op_spans:
+            # Read the clock first, so that the last run ends as close to its work as with op spans.
+            end = self._clock()
+            records = self._records
+            shift = self._begin_wall_s - self._begin_clock_s
+            ends = [start for _, start in records[1:]]
+            ends.append(end)
+            return [(op, start + shift, stop + shift) for (op, start), stop in zip(records, ends)]
         records = self._records
         shift = self._begin_wall_s - self._begin_clock_s
         return [(op, start + shift, (records[i + 1][1] if i + 1 < len(records) else end) + shift)
@@ -121,7 +157,7 @@ class ThreadLanes:
         self._done = {}
         self._records = []
 
-    def run(self, op: Op, work: Callable[[], None]) -> None:
+    def run(self, op: Op, work: Callable[..., None], *args) -> None:
         # A finished op's handle is its (start, end); a worker lane's is a Future of it.
         done = self._done
         if op.lane == "gpu":
@@ -130,20 +166,20 @@ class ThreadLanes:
                 if isinstance(handle, Future):
                     handle.result()
             start = time.perf_counter()
-            work()
+            work(*args)
             handle = (start, time.perf_counter())
         else:
-            handle = self._workers[op.lane].submit(self._run_after, [done[d] for d in op.deps], work)
+            handle = self._workers[op.lane].submit(self._run_after, [done[d] for d in op.deps], work, args)
         done[op.id] = handle
         self._records.append((op, handle))
 
     @staticmethod
-    def _run_after(deps: list, work: Callable[[], None]) -> tuple[float, float]:
+    def _run_after(deps: list, work: Callable[..., None], args: tuple) -> tuple[float, float]:
         for dep in deps:
             if isinstance(dep, Future):
                 dep.result()
         start = time.perf_counter()
-        _inference(work)
+        _inference(work, *args)
         return start, time.perf_counter()
 
     def finish_forward(self) -> list[tuple[Op, float, float]]:
@@ -186,10 +222,10 @@ class CudaLanes:
         self._base_event.record(self._streams["gpu"])
         self._base_s = time.perf_counter()
 
-    def run(self, op: Op, work: Callable[[], None]) -> None:
+    def run(self, op: Op, work: Callable[..., None], *args) -> None:
         deps = [self._done[d] for d in op.deps]
         if op.lane == "cpu":
-            handle: object = self._cpu.submit(self._run_after, deps, work)
+            handle: object = self._cpu.submit(self._run_after, deps, work, args)
         else:
             stream = self._streams[op.lane]
             for dep in deps:
@@ -201,21 +237,21 @@ class CudaLanes:
             end = torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(stream):
                 start.record(stream)
-                work()
+                work(*args)
                 end.record(stream)
             handle = (start, end)
         self._done[op.id] = handle
         self._records.append((op, handle))
 
     @staticmethod
-    def _run_after(deps: list, work: Callable[[], None]) -> tuple[float, float]:
+    def _run_after(deps: list, work: Callable[..., None], args: tuple) -> tuple[float, float]:
         for dep in deps:
             if isinstance(dep, Future):
                 dep.result()
             else:
                 dep[1].synchronize()
         start = time.perf_counter()
-        _inference(work)
+        _inference(work, *args)
         return start, time.perf_counter()
 
     def finish_forward(self) -> list[tuple[Op, float, float]]:

@@ -315,11 +315,14 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         packed = self.packed_experts()
         order, offsets = sort_assignments(ids, self.num_experts)
         outputs = x.new_empty(x.shape[0] * self.top_k, x.shape[1])  # one row per (token, top-k position)
+        order_tokens = order // self.top_k
         for e in range(self.num_experts):
-            if offsets[e] == offsets[e + 1]:
+            start, end = offsets[e], offsets[e + 1]
+            if start == end:
                 continue
-            rows = order[offsets[e]:offsets[e + 1]]
-            outputs[rows] = expert_mlp(x[rows // self.top_k], packed[e], self.intermediate_size)
+            # index_select and index_copy_ move the same rows as indexing expressions, with fewer tensor ops.
+            y = expert_mlp(x.index_select(0, order_tokens[start:end]), packed[e], self.intermediate_size)
+            outputs.index_copy_(0, order[start:end], y)
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         combined = combine_expert_outputs(outputs.view(x.shape[0], self.top_k, -1), weights, shared)
         return combined.view_as(hidden)
