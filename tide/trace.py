@@ -347,4 +347,5 @@ def check_trace_matches_spec(metadata: TraceMetadata, spec, source: str = "trace
         if trace_value != spec_value:
             raise InputError(f"trace was recorded for '{metadata.spec_name}' with {field_name}={trace_value}, "
                              f"but model '{spec.name}' has {field_name}={spec_value}", source=source,
-                             field=field_name, value=trace_value, accepted=str(spec_value))
+                             field=field_name, accepted=f"a trace of a model with {field_name}={spec_value}, or the "
+                             f"model the trace was recorded with ('{metadata.spec_name}')")

@@ -19,7 +19,8 @@ from tide.trace import Trace
 class TraceStats:
     num_forwards: int
     forwards_by_kind: dict[str, int]
-    generated_tokens: int
+    generated_tokens: int  # committed tokens of all passes
+    returned_tokens: int  # tokens the run returned (tide.trace.Trace.output_tokens)
     tokens_per_forward: float  # committed tokens per denoising pass
     distinct_experts_per_forward: float  # mean over denoising passes and MoE layers
     distinct_experts_per_layer: list[float]  # mean over denoising passes, per MoE layer
@@ -72,6 +73,7 @@ def compute_stats(trace: Trace) -> TraceStats:
         num_forwards=len(forwards),
         forwards_by_kind=by_kind,
         generated_tokens=int(generated),
+        returned_tokens=int(trace.output_tokens()),
         tokens_per_forward=generated / len(denoise) if denoise else 0.0,
         distinct_experts_per_forward=float(distinct.mean()) if distinct.size else 0.0,
         distinct_experts_per_layer=distinct.mean(axis=0).round(3).tolist() if distinct.size else [],

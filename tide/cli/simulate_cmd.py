@@ -242,11 +242,11 @@ def _human(output: dict[str, Any], budget, several: bool) -> str:
     rows = output["policies"]
     if several:
         table = [[r["policy"], r["tokens_per_s"], _relative(r["relative_to_tide"]), r["mean_forward_s"] * 1e3,
-                  r["mean_block_s"], r["hit_rate"], r["h2d_bytes"] / 1e9, r["d2h_bytes"] / 1e9, r["critical_lane"]]
+                  r["mean_block_s"], r["hit_rate"], r["h2d_bytes"] / 2**30, r["d2h_bytes"] / 2**30, r["critical_lane"]]
                  for r in rows]
         lines.append("")
         lines.append(format_table(table, ["policy", "tokens/s", "vs tide", "ms/forward", "s/block", "hit rate",
-                                          "h2d GB", "d2h GB", "critical lane"]))
+                                          "h2d GiB", "d2h GiB", "critical lane"]))
         for name, reason in output["skipped"].items():
             lines.append(f"{name}: skipped, {reason}")
     else:
@@ -256,7 +256,8 @@ def _human(output: dict[str, Any], budget, several: bool) -> str:
             f"policy           {r['policy']}",
             f"throughput       {r['tokens_per_s']:.4g} tokens/s ({r['tokens']} tokens in {r['total_s']:.4g} s)",
             f"per forward      {r['mean_forward_s'] * 1e3:.4g} ms over {r['num_forwards']} passes",
-            f"per block        {r['mean_block_s'] * 1e3:.4g} ms over {r['num_blocks']} blocks",
+            f"per block        {r['mean_block_s'] * 1e3:.4g} ms over {r['num_blocks']} "
+            f"block{'' if r['num_blocks'] == 1 else 's'}",
             f"hit rate         {r['hit_rate']:.4f} ({r['hits']} hits, {r['misses']} misses)",
             f"copied           h2d {format_bytes(r['h2d_bytes'])} ({r['expert_copies']} expert copies), "
             f"d2h {format_bytes(r['d2h_bytes'])}",

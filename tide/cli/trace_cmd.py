@@ -46,7 +46,8 @@ def run_info(args) -> int:
         f"temperature {gen.temperature}, KV cache {'on' if gen.kv_cache else 'off'}",
         f"  forward passes    {stats.num_forwards} "
         + ", ".join(f"{k} {v}" for k, v in sorted(stats.forwards_by_kind.items())),
-        f"  tokens            {stats.generated_tokens} generated, {stats.tokens_per_forward:.2f} per denoising pass",
+        f"  tokens            {stats.returned_tokens} returned, {stats.generated_tokens} committed "
+        f"({stats.tokens_per_forward:.2f} per denoising pass)",
         f"  distinct experts  {stats.distinct_experts_per_forward:.1f} per pass and layer",
         f"  adjacent steps    overlap {stats.adjacent_step_overlap:.3f}, cosine {stats.adjacent_step_cosine:.3f}",
         "",
