@@ -14,8 +14,9 @@ This module is the contract between the planner, the simulator and the executor.
 * A **Timeline** is a list of **spans** (op id, lane, start, end) produced by either
   engine. Both engines use the same op ids, so the validator matches them one to one.
 
-Times are seconds (floats) everywhere in the IR. Every type is a frozen dataclass with a
-JSON form, and JSON documents carry ``SCHEMA_VERSION``.
+Times are seconds (floats) everywhere in the IR. Every type is immutable (a frozen
+dataclass, or a named tuple for ``Op``) with a JSON form, and JSON documents carry
+``SCHEMA_VERSION``.
 """
 
 from __future__ import annotations
