@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from executor.lanes import CudaLanes, SerialLanes, ThreadLanes, _inference, worker_pool
+from executor.lanes import CudaLanes, SerialLanes, ThreadLanes, call_in_inference_mode, worker_pool
 from executor.model import KVCache, combine_expert_outputs, expert_mlp
 from tide.ir import LANES, ForwardInfo, Op, Plan, Schedule, Span
 from tide.lowering import Lowering, schedule_stats
@@ -524,7 +524,7 @@ class OffloadEngine:
             for expert, start, end in moe.cpu_ranges:
                 run_expert(expert, start, end)
         else:
-            futures = [self._cpu_pool.submit(_inference, run_expert, *job) for job in moe.cpu_ranges]
+            futures = [self._cpu_pool.submit(call_in_inference_mode, run_expert, *job) for job in moe.cpu_ranges]
             for future in futures:
                 future.result()
 

@@ -51,7 +51,7 @@ def worker_pool(num_workers: int, name: str, intra_op_threads: int | None = None
                               initializer=torch.set_num_threads, initargs=(max(1, threads),))
 
 
-def _inference(work: Callable[..., None], *args) -> None:
+def call_in_inference_mode(work: Callable[..., None], *args) -> None:
     # inference_mode is thread-local, and worker threads update tensors made in it.
     with torch.inference_mode():
         work(*args)
@@ -179,7 +179,7 @@ class ThreadLanes:
             if isinstance(dep, Future):
                 dep.result()
         start = time.perf_counter()
-        _inference(work, *args)
+        call_in_inference_mode(work, *args)
         return start, time.perf_counter()
 
     def finish_forward(self) -> list[tuple[Op, float, float]]:
@@ -251,7 +251,7 @@ class CudaLanes:
             else:
                 dep[1].synchronize()
         start = time.perf_counter()
-        _inference(work, *args)
+        call_in_inference_mode(work, *args)
         return start, time.perf_counter()
 
     def finish_forward(self) -> list[tuple[Op, float, float]]:

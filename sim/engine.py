@@ -26,9 +26,9 @@ known too, so the lane times it and goes on to its next op. The lane yields to S
 only when the next op depends on an op that another lane has not timed yet. It then
 lets SimPy time catch up with its own clock and waits for the event that the other lane
 fires when it times that op. Every op gets the time it would get with an event per op,
-because nothing else decides a start. ``sim.textbook`` holds the model with an event per
-op (a process per op, a ``simpy.Resource`` per lane); ``tests/test_sim_textbook.py`` and
-``benchmarks/simulator.py`` check that it gives every op the same times.
+because nothing else decides a start. ``sim.textbook`` contains the model with an event
+per op (a process per op, a ``simpy.Resource`` per lane). ``tests/test_sim_textbook.py``
+and ``benchmarks/simulator.py`` check that both give every op the same times.
 """
 
 from __future__ import annotations
@@ -232,11 +232,11 @@ def compile_schedules(schedules: Iterable[Schedule], durations: DurationModel, *
         add_to_lane = [numbers.append for numbers in lane_ops]
         number_of: dict[str, int] = {}
         for op in schedule.ops:
-            op_id, kind, _, op_deps = op[:4]
+            op_id, kind, lane_name, op_deps = op[:4]
             roles = kind_roles.get(kind)
-            if roles is None or roles[2] != op[2]:
+            if roles is None or roles[2] != lane_name:
                 raise ValueError(f"forward {schedule.forward.index}, op {op_id!r}: kind {kind!r} runs on lane "
-                                 f"{OP_LANES.get(kind)!r}, not {op[2]!r}")
+                                 f"{OP_LANES.get(kind)!r}, not {lane_name!r}")
             lane, role, _ = roles
             if op_id in number_of:
                 raise ValueError(f"forward {schedule.forward.index}: duplicate op id {op_id!r}")

@@ -3,8 +3,8 @@
 Every op is a SimPy process. It waits for the events of its dependencies and of the op
 before it on its lane, then occupies its lane's ``simpy.Resource`` for its duration. Each
 pass starts once every op of the one before has ended. It costs several events per op,
-so it is far slower than ``sim.engine.Engine``, which must give every op the same start
-and end; ``tests/test_sim_textbook.py`` and ``benchmarks/simulator.py`` check that.
+so it is far slower than ``sim.engine.Engine``. The engine must give every op the same
+start and end, which ``tests/test_sim_textbook.py`` and ``benchmarks/simulator.py`` check.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tide.ir import ForwardInfo
+from tide.policies import make_plan
 from tide.spec import spec_from_config
 from tide.trace import GenerationSettings, Trace, TraceMetadata
 
@@ -63,3 +64,26 @@ def make_trace(spec, routings: list[np.ndarray], kinds: list[str] | None = None,
                              generation=GenerationSettings(block_length=4, steps=4), source="test")
     experts = np.concatenate(routings).astype(np.int16)
     return Trace(metadata, tuple(forwards), experts)
+
+
+def plans_for(spec, trace):
+    """Return a plan for every policy, with 6 slots where the policy takes a budget.
+
+    The oracle's placements are each pass's top experts, as a planner might pick them.
+    """
+    placements = {}
+    for forward, routing in trace:
+        top = []
+        for layer in range(spec.num_moe_layers):
+            counts = np.bincount(routing[:, layer, :].ravel(), minlength=spec.num_experts)
+            top.append(tuple(int(e) for e in np.argsort(-counts, kind="stable")[:6]))
+        placements[forward.index] = tuple(top)
+    return {
+        "all-gpu": make_plan("all-gpu", spec),
+        "tide": make_plan("tide", spec, slot_budget=6, interval=2),
+        "every-step": make_plan("every-step", spec, slot_budget=6),
+        "static": make_plan("static", spec, slot_budget=6, profiling_trace=trace),
+        "lru-fetch": make_plan("lru-fetch", spec, slot_budget=6),
+        "cpu-experts": make_plan("cpu-experts", spec),
+        "oracle": make_plan("oracle", spec, slot_budget=6, placements=placements),
+    }

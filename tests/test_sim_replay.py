@@ -17,32 +17,14 @@ from tide.policies import make_plan
 from tide.spec import load_spec
 from tide.synth import synthesize_trace
 
+from helpers import plans_for
+
 
 @pytest.fixture(scope="module")
 def tiny():
     spec = load_spec("tiny")
     trace = synthesize_trace(spec, gen_tokens=64, prompt_tokens=16, seed=5)
     return spec, trace, load_profile("h100-pcie")
-
-
-def plans_for(spec, trace):
-    """One plan per policy; the oracle's placements are each pass's top experts, as a planner might pick."""
-    placements = {}
-    for forward, routing in trace:
-        top = []
-        for layer in range(spec.num_moe_layers):
-            counts = np.bincount(routing[:, layer, :].ravel(), minlength=spec.num_experts)
-            top.append(tuple(int(e) for e in np.argsort(-counts, kind="stable")[:6]))
-        placements[forward.index] = tuple(top)
-    return {
-        "all-gpu": make_plan("all-gpu", spec),
-        "tide": make_plan("tide", spec, slot_budget=6, interval=2),
-        "every-step": make_plan("every-step", spec, slot_budget=6),
-        "static": make_plan("static", spec, slot_budget=6, profiling_trace=trace),
-        "lru-fetch": make_plan("lru-fetch", spec, slot_budget=6),
-        "cpu-experts": make_plan("cpu-experts", spec),
-        "oracle": make_plan("oracle", spec, slot_budget=6, placements=placements),
-    }
 
 
 def test_replay_same_time_to_the_nanosecond(tiny):

@@ -1,9 +1,9 @@
 """The engine against the textbook SimPy model (an event per op) on replayed schedules.
 
-The engine's lanes time ops without an event each when their dependencies' ends are
-known (see ``sim.engine``). These tests replay real lowered schedules of every policy,
-with and without overlap and with shared cores, and require the same start and end for
-every op from both models.
+The engine's lanes time an op without an event when its dependencies' ends are known
+(see ``sim.engine``). These tests replay lowered schedules of every policy, with and
+without overlap and with shared cores. Both models must give every op the same start
+and end.
 """
 
 import dataclasses
@@ -16,22 +16,16 @@ from tide.costs import CostModel
 from tide.hardware import load_profile
 from tide.ir import Overlap
 from tide.lowering import Lowering
-from tide.policies import make_plan
 from tide.spec import load_spec
 from tide.synth import synthesize_trace
+
+from helpers import plans_for
 
 SPEC = load_spec("tiny")
 TRACE = synthesize_trace(SPEC, gen_tokens=64, prompt_tokens=24, seed=5)
 PROFILE = load_profile("h100-pcie")
 
-PLANS = {
-    "all-gpu": make_plan("all-gpu", SPEC),
-    "tide": make_plan("tide", SPEC, slot_budget=6, interval=2),
-    "every-step": make_plan("every-step", SPEC, slot_budget=6),
-    "static": make_plan("static", SPEC, slot_budget=5, profiling_trace=TRACE),
-    "lru-fetch": make_plan("lru-fetch", SPEC, slot_budget=6),
-    "cpu-experts": make_plan("cpu-experts", SPEC),
-}
+PLANS = plans_for(SPEC, TRACE)
 
 
 def compiled(plan):

@@ -46,15 +46,15 @@ def tokens_per_expert(routing: np.ndarray, num_experts: int) -> np.ndarray:
 class _LayerIds:
     """The op ids of one decoder layer, made once per run instead of once per pass."""
 
-    __slots__ = ("prefix", "previous", "attention", "router", "dense_mlp", "shared_expert", "gpu_experts", "act_d2h",
-                 "cpu_experts", "act_h2d", "combine", "copy", "run")
+    __slots__ = ("prefix", "attention", "router", "dense_mlp", "shared_expert", "gpu_experts", "act_d2h",
+                 "cpu_experts", "act_h2d", "combine", "last", "copy", "run")
 
-    def __init__(self, layer: int, previous: str) -> None:
+    def __init__(self, layer: int, moe: bool) -> None:
         self.prefix = prefix = f"L{layer:02d}."
-        self.previous = previous
         for name in ("attention", "router", "dense_mlp", "shared_expert", "gpu_experts", "act_d2h", "cpu_experts",
                      "act_h2d", "combine"):
             setattr(self, name, prefix + name)
+        self.last = self.combine if moe else self.dense_mlp  # the op that ends the layer
         self.copy: dict[int, str] = {}  # expert -> id of its copy
         self.run: dict[int, str] = {}  # expert -> id of its gpu_expert op
 
@@ -97,14 +97,9 @@ class Lowering:
         self._shared_bytes = spec.shared_expert_params * self.dtype_bytes
         self._hidden_size = spec.hidden_size
         self._top_k = spec.top_k
-        self._ids = []
-        for layer in range(spec.num_layers):
-            if layer == 0:
-                previous = "embed"
-            else:
-                before = f"L{layer - 1:02d}."
-                previous = before + ("combine" if layer - 1 in self._moe_index else "dense_mlp")
-            self._ids.append(_LayerIds(layer, previous))
+        self._ids = [_LayerIds(layer, layer in self._moe_index) for layer in range(spec.num_layers)]
+        # _previous[layer] is the op that ends the layer before (``embed`` for layer 0).
+        self._previous = ["embed"] + [ids.last for ids in self._ids]
         self._attention_sizes: tuple[int, int, float, float] | None = None  # (tokens, context, flops, bytes)
 
     # --- pieces -------------------------------------------------------------------
@@ -115,10 +110,7 @@ class Lowering:
 
     def previous_op(self, layer: int) -> str:
         """Return the id of the op that ends the layer before ``layer`` (``embed`` for layer 0)."""
-        if layer == self.spec.num_layers:
-            before = layer - 1
-            return f"L{before:02d}.combine" if before in self._moe_index else f"L{before:02d}.dense_mlp"
-        return self._ids[layer].previous
+        return self._previous[layer]
 
     def lower_attention(self, forward: ForwardInfo, layer: int) -> Op:
         tokens, context = forward.num_tokens, forward.context_tokens
@@ -130,7 +122,7 @@ class Lowering:
                 self._attention_weight_bytes + context * self._kv_bytes_per_context
                 + 2 * tokens * self._activation_bytes)
         ids = self._ids[layer]
-        return _new_tuple(Op, (ids.attention, "attention", "gpu", (ids.previous,), layer, tokens, context,
+        return _new_tuple(Op, (ids.attention, "attention", "gpu", (self._previous[layer],), layer, tokens, context,
                                sizes[2], sizes[3], (), -1, -1))
 
     def lower_dense_layer(self, forward: ForwardInfo, layer: int) -> list[Op]:
@@ -270,8 +262,9 @@ class Lowering:
     def lower_epilogue(self, forward: ForwardInfo) -> list[Op]:
         tokens = forward.num_tokens
         last = self.previous_op(self.spec.num_layers)
+        weight_bytes = self.spec.vocab_size * self.spec.hidden_size * self.dtype_bytes
         return [_op("head", "head", (last,), tokens=tokens, flops=tokens * self.spec.head_flops_per_token,
-                    bytes=self.spec.vocab_size * self.spec.hidden_size * self.dtype_bytes + tokens * self._activation_bytes)]
+                    bytes=weight_bytes + tokens * self._activation_bytes)]
 
     # --- whole passes ---------------------------------------------------------------
 
